@@ -1,0 +1,23 @@
+"""hetero_llm: make a transformers model infer faster with one call.
+
+    import hetero_llm
+    model = hetero_llm.accelerate(model)
+    print(model.hetero_plan)
+"""
+from ._version import __version__
+from .api import accelerate, plan
+from .config import KernelConfig, Options, PlacementConfig, PruneConfig, QuantConfig
+from .errors import (AlreadyAcceleratedError, ForeignQuantizationError, HardwareError, HeteroLLMError,
+                     HeteroLLMWarning, InvalidOptionError, MetaDeviceError, ModelLoadError,
+                     NonFiniteWeightError, NotAModelError, PlanMismatchError,
+                     UnsupportedArchitectureError)
+from .hardware import Hardware, hardware_profile, inspect_hardware
+from .planner import Plan, PlanEntry
+
+__all__ = [
+    "__version__", "accelerate", "plan", "inspect_hardware", "hardware_profile", "Hardware", "Plan",
+    "PlanEntry", "QuantConfig", "PruneConfig", "KernelConfig", "PlacementConfig", "Options",
+    "HeteroLLMError", "HeteroLLMWarning", "NotAModelError", "UnsupportedArchitectureError",
+    "MetaDeviceError", "ForeignQuantizationError", "InvalidOptionError", "AlreadyAcceleratedError",
+    "PlanMismatchError", "HardwareError", "ModelLoadError", "NonFiniteWeightError",
+]

@@ -1,0 +1,128 @@
+"""accelerate() and plan(): thin orchestration of checks, planner and passes."""
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+from torch import nn
+
+from .config import Options
+from .errors import (AlreadyAcceleratedError, ForeignQuantizationError, HeteroLLMWarning,
+                     InvalidOptionError, MetaDeviceError, NotAModelError, PlanMismatchError)
+from .hardware import Hardware, hardware_profile, inspect_hardware
+from .kernels.apply import kernels_pass
+from .parallel.placement import place_pass
+from .planner import Plan, make_plan
+from .quant.apply import check_quantizable, quantize_pass
+
+# Passes in the order of the data flow: prune -> quantize -> shard -> place -> kernels.
+# Pruning and sharding join this list when they land.
+PASSES = (("quantize", quantize_pass), ("place", place_pass), ("kernels", kernels_pass))
+
+
+def _check_model(model: Any) -> None:
+    if not isinstance(model, nn.Module) or getattr(model, "config", None) is None:
+        raise NotAModelError(
+            f"expected a transformers model (a torch.nn.Module with a .config), got {type(model).__name__}. "
+            "Load one with transformers.AutoModelForCausalLM.from_pretrained(...).")
+
+
+def _check_foreign_quantization(model: nn.Module) -> None:
+    qc = getattr(model.config, "quantization_config", None)
+    if getattr(model, "hf_quantizer", None) is not None or qc:
+        method = getattr(qc, "quant_method", None) or (qc.get("quant_method") if isinstance(qc, dict) else None)
+        raise ForeignQuantizationError(
+            f"this model is already quantized by another library ({method or 'unknown method'}). "
+            "hetero_llm quantizes from floating-point weights: load the unquantized checkpoint "
+            "(or dequantize it, e.g. GGUF with from_pretrained(..., gguf_file=...) and save without "
+            "its quantization_config), then call accelerate().")
+    for name, module in model.named_modules():
+        origin = type(module).__module__
+        if origin.startswith(("bitsandbytes", "torchao", "torch.ao.nn.quantized", "auto_gptq", "awq")):
+            raise ForeignQuantizationError(
+                f"{name} is a {type(module).__name__} from {origin.split('.')[0]}: the model is already "
+                "quantized. Start from the floating-point model.")
+
+
+def _resolve_hardware(hardware: Hardware | str | None) -> Hardware:
+    if hardware is None:
+        return inspect_hardware()
+    if isinstance(hardware, str):
+        return hardware_profile(hardware)
+    if isinstance(hardware, Hardware):
+        return hardware
+    raise InvalidOptionError(f"hardware must be a Hardware, a profile name or None; got {type(hardware).__name__}")
+
+
+def plan(model: nn.Module, *, hardware: Hardware | str | None = None, strict: bool = True,
+         **options: Any) -> Plan:
+    """The decisions accelerate() would apply, without changing the model.
+
+    Works on meta-device models. `hardware` may be a Hardware, a profile name
+    such as "h100-80gb" or "cpu-2core", or None for this machine.
+    """
+    _check_model(model)
+    return make_plan(model, _resolve_hardware(hardware), Options.from_kwargs(**options), strict=strict)
+
+
+def _check_plan_matches(model: nn.Module, p: Plan) -> None:
+    names = dict(model.named_modules())
+    for e in p.entries:
+        module = names.get(e.name)
+        if module is None or type(module).__name__ != e.module_type:
+            found = "missing" if module is None else type(module).__name__
+            raise PlanMismatchError(
+                f"the plan does not describe this model: {e.name} is {found}, the plan expects "
+                f"{e.module_type}. Make the plan from this model: hetero_llm.plan(model).")
+
+
+def _already_accelerated(model: nn.Module, requested: Plan | None, options: dict) -> nn.Module:
+    current: Plan = model.hetero_plan
+    same = (requested is None and (not options or Options.from_kwargs(**options).to_dict() == current.options)) \
+        or (requested is not None and requested == current)
+    if same:
+        return model  # a repeated call with the same request is a no-op
+    raise AlreadyAcceleratedError(
+        "this model was already accelerated with a different plan; its weights are already converted. "
+        "Load the original model again and call accelerate() once with the options you want.")
+
+
+def _prepare(model: nn.Module) -> None:
+    if any(t.device.type == "meta" for t in list(model.parameters()) + list(model.buffers())):
+        raise MetaDeviceError(
+            "the model's weights are on the meta device (no data), so they cannot be quantized or run. "
+            "Load real weights first; hetero_llm.plan() works on meta models if you only need the plan.")
+    _check_foreign_quantization(model)
+    if model.training:
+        warnings.warn("accelerate() switched the model to eval mode: INT8 and fused modules are for "
+                      "inference and cannot be trained.", HeteroLLMWarning, stacklevel=3)
+        model.eval()
+
+
+def accelerate(model: nn.Module, *, plan: Plan | None = None, hardware: Hardware | str | None = None,
+               calibration_data: Any = None, strict: bool = True, **options: Any) -> nn.Module:
+    """Plan (unless a plan is given) and apply it to `model` in place; returns the same object.
+
+    The applied plan is attached as `model.hetero_plan`. Calling again with the
+    same request is a no-op; with a different one it raises
+    AlreadyAcceleratedError.
+    """
+    _check_model(model)
+    if hasattr(model, "hetero_plan"):
+        return _already_accelerated(model, plan, options)
+    if calibration_data is not None:
+        raise InvalidOptionError("calibration_data is used by quantize='w8a8', which is not available in this "
+                                 "version; weight-only INT8 needs no calibration. Drop calibration_data.")
+    if plan is not None and options:
+        raise InvalidOptionError("pass either plan= or options, not both: a plan already holds its options.")
+    _prepare(model)
+    chosen = plan if plan is not None else make_plan(model, _resolve_hardware(hardware),
+                                                     Options.from_kwargs(**options), strict=strict)
+    _check_plan_matches(model, chosen)
+    check_quantizable(model, chosen)  # fail before the first change, not halfway
+    replaced = []
+    for _, apply_pass in PASSES:
+        replaced.extend(apply_pass(model, chosen) or [])
+    model.hetero_plan = chosen
+    model.hetero_replaced = replaced
+    return model

@@ -1,0 +1,179 @@
+"""Frozen, validated, versioned option dataclasses.
+
+Every option accepts a string shortcut (``quantize="int8"``) or its config
+dataclass (``quantize=QuantConfig(scheme="int8", lm_head=False)``). Configs are
+validated at construction and round-trip through plain dicts, so a plan can
+record exactly what was asked.
+"""
+from __future__ import annotations
+
+import difflib
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from .errors import InvalidOptionError
+
+CONFIG_VERSION = 1
+
+
+def _choice(option: str, value: Any, allowed: tuple[str, ...], later: tuple[str, ...] = ()) -> str:
+    """Validate a string option; `later` are names we know but do not implement yet."""
+    if not isinstance(value, str):
+        raise InvalidOptionError(f"{option} must be a string, one of {allowed}; got {value!r}")
+    v = value.strip().lower()
+    if v in allowed:
+        return v
+    if v in later:
+        raise InvalidOptionError(
+            f"{option}={value!r} is not available in this version of hetero_llm. "
+            f"Use one of {allowed}.")
+    hint = difflib.get_close_matches(v, allowed + later, n=1)
+    did_you_mean = f" Did you mean {hint[0]!r}?" if hint else ""
+    raise InvalidOptionError(f"unknown {option}={value!r}; choose one of {allowed}.{did_you_mean}")
+
+
+def _positive_int(option: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InvalidOptionError(f"{option} must be a positive integer; got {value!r}")
+    return value
+
+
+class _Config:
+    """dict round trip shared by the config dataclasses."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)  # type: ignore[call-overload]
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]):
+        known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+        unknown = set(data) - known
+        if unknown:
+            raise InvalidOptionError(f"{cls.__name__} has no fields {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class QuantConfig(_Config):
+    """How linear weights are quantized.
+
+    scheme: "auto" (the planner picks per device: weight-only INT8 on CPU),
+    "int8" (symmetric, per output channel, weight-only), "int8-asym" (with a
+    zero point per output channel, weight-only), or "none".
+    lm_head: also quantize the output projection (the largest single matmul of
+    small models; a tied embedding stays in floating point for its lookups).
+    """
+
+    scheme: str = "auto"
+    lm_head: bool = True
+    version: int = CONFIG_VERSION
+
+    SCHEMES = ("auto", "int8", "int8-asym", "none")
+    LATER = ("w8a8", "int4", "fp8")
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "scheme", _choice("quantize", self.scheme, self.SCHEMES, self.LATER))
+        if not isinstance(self.lm_head, bool):
+            raise InvalidOptionError(f"QuantConfig.lm_head must be True or False; got {self.lm_head!r}")
+
+
+@dataclass(frozen=True)
+class PruneConfig(_Config):
+    """Weight pruning. Only "none" is available in this version."""
+
+    method: str = "none"
+    version: int = CONFIG_VERSION
+
+    METHODS = ("none",)
+    LATER = ("magnitude", "wanda", "2:4", "structured")
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "method", _choice("prune", self.method, self.METHODS, self.LATER))
+
+
+@dataclass(frozen=True)
+class KernelConfig(_Config):
+    """Which kernels run the model.
+
+    backend: "auto" (the fastest available per device) or "torch" (torch ops
+    only). fuse_projections: compute q/k/v (and gate/up) as one matmul.
+    fuse_norms: replace RMSNorm's several ops with torch's single rms_norm.
+    """
+
+    backend: str = "auto"
+    fuse_projections: bool = True
+    fuse_norms: bool = True
+    version: int = CONFIG_VERSION
+
+    BACKENDS = ("auto", "torch")
+    LATER = ("triton",)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "backend", _choice("kernels", self.backend, self.BACKENDS, self.LATER))
+
+
+@dataclass(frozen=True)
+class PlacementConfig(_Config):
+    """Where the model runs: one device for now; tp/pp > 1 come with sharding."""
+
+    device: str = "auto"
+    tp: int = 1
+    pp: int = 1
+    version: int = CONFIG_VERSION
+
+    DEVICES = ("auto", "cpu", "cuda")
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "device", _choice("device", self.device, self.DEVICES))
+        for name in ("tp", "pp"):
+            if _positive_int(name, getattr(self, name)) > 1:
+                raise InvalidOptionError(
+                    f"{name}={getattr(self, name)} is not available in this version of hetero_llm; "
+                    f"use {name}=1.")
+
+
+_SHORTCUT_FIELD = {"quantize": (QuantConfig, "scheme"), "prune": (PruneConfig, "method"),
+                   "kernels": (KernelConfig, "backend")}
+OPTION_NAMES = ("quantize", "prune", "kernels", "device", "tp", "pp")
+
+
+@dataclass(frozen=True)
+class Options(_Config):
+    """All user options of plan()/accelerate(), validated."""
+
+    quantize: QuantConfig = QuantConfig()
+    prune: PruneConfig = PruneConfig()
+    kernels: KernelConfig = KernelConfig()
+    placement: PlacementConfig = PlacementConfig()
+
+    @classmethod
+    def from_kwargs(cls, **options: Any) -> "Options":
+        """Build from accelerate()'s keyword options; unknown names are an error."""
+        unknown = [k for k in options if k not in OPTION_NAMES]
+        if unknown:
+            hint = difflib.get_close_matches(unknown[0], OPTION_NAMES, n=1)
+            did_you_mean = f" Did you mean {hint[0]!r}?" if hint else ""
+            raise InvalidOptionError(
+                f"unknown option {unknown[0]!r}; known options: {', '.join(OPTION_NAMES)}.{did_you_mean}")
+        built: dict[str, Any] = {}
+        for name, (config_cls, field_name) in _SHORTCUT_FIELD.items():
+            value = options.get(name)
+            if value is None:
+                built[name] = config_cls()
+            elif isinstance(value, config_cls):
+                built[name] = value
+            elif isinstance(value, str):
+                built[name] = config_cls(**{field_name: value})
+            else:
+                raise InvalidOptionError(
+                    f"{name} must be a string or a {config_cls.__name__}; got {type(value).__name__}")
+        built["placement"] = PlacementConfig(device=options.get("device") or "auto",
+                                             tp=options.get("tp", 1), pp=options.get("pp", 1))
+        return cls(**built)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Options":
+        return cls(quantize=QuantConfig.from_dict(data["quantize"]),
+                   prune=PruneConfig.from_dict(data["prune"]),
+                   kernels=KernelConfig.from_dict(data["kernels"]),
+                   placement=PlacementConfig.from_dict(data["placement"]))

@@ -1,0 +1,1 @@
+"""Per-library integration tables (which module plays which role)."""

@@ -1,0 +1,154 @@
+"""Declarative role tables for transformers architectures.
+
+One `ArchitectureSpec` per family says where the decoder blocks live and which
+submodule plays which role (q/k/v/o, gate/up/down, norms). The generic passes
+read these tables; nothing here patches transformers.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import UnsupportedArchitectureError
+
+# Roles a linear layer can play. "linear" is the generic role of a Linear the
+# table does not know (strict=False on an unknown architecture).
+LINEAR_ROLES = ("q", "k", "v", "qkv", "o", "gate", "up", "gate_up", "down", "fc_in", "fc_out",
+                "lm_head", "linear")
+NORM_ROLES = ("attn_norm", "mlp_norm", "final_norm")
+
+
+@dataclass(frozen=True)
+class ArchitectureSpec:
+    """Where things are in one architecture family.
+
+    `roles` maps a role to a path relative to one decoder block; `model_roles`
+    maps a role to a path from the model root. `fusions` lists linear groups
+    that read the same input and may be computed as one matmul.
+    """
+
+    family: str
+    model_types: tuple[str, ...]
+    layers: str
+    roles: dict[str, str]
+    model_roles: dict[str, str]
+    norm_style: str = "rms"  # "rms": w * norm(x); "rms_plus_one": (1 + w) * norm(x); "layer": LayerNorm
+    fusions: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    linear_kind: str = "linear"  # "linear": weight (out, in); "conv1d": GPT-2's Conv1D, weight (in, out)
+    notes: str = ""
+
+
+_LLAMA_BLOCK = {
+    "attention": "self_attn",
+    "q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
+    "mlp": "mlp", "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj",
+    "attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm",
+}
+_LLAMA_MODEL = {"embed": "model.embed_tokens", "final_norm": "model.norm", "lm_head": "lm_head"}
+_LLAMA_FUSIONS = (("qkv", ("q", "k", "v")), ("gate_up", ("gate", "up")))
+
+
+def _llama_like(family: str, model_types: tuple[str, ...], **kw) -> ArchitectureSpec:
+    return ArchitectureSpec(family=family, model_types=model_types, layers="model.layers",
+                            roles=dict(_LLAMA_BLOCK), model_roles=dict(_LLAMA_MODEL),
+                            fusions=_LLAMA_FUSIONS, **kw)
+
+
+ARCHITECTURES: tuple[ArchitectureSpec, ...] = (
+    _llama_like("llama", ("llama",)),
+    _llama_like("mistral", ("mistral",)),
+    _llama_like("qwen2", ("qwen2",), notes="q/k/v carry biases"),
+    _llama_like("gemma", ("gemma",), norm_style="rms_plus_one",
+                notes="RMSNorm scales by (1 + weight); embeddings scaled by sqrt(hidden)"),
+    ArchitectureSpec(
+        family="phi3", model_types=("phi3",), layers="model.layers",
+        roles={"attention": "self_attn", "qkv": "self_attn.qkv_proj", "o": "self_attn.o_proj",
+               "mlp": "mlp", "gate_up": "mlp.gate_up_proj", "down": "mlp.down_proj",
+               "attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm"},
+        model_roles=dict(_LLAMA_MODEL), notes="q/k/v and gate/up are already fused in the checkpoint"),
+    ArchitectureSpec(
+        family="gpt2", model_types=("gpt2",), layers="transformer.h",
+        roles={"attention": "attn", "qkv": "attn.c_attn", "o": "attn.c_proj", "mlp": "mlp",
+               "fc_in": "mlp.c_fc", "fc_out": "mlp.c_proj", "attn_norm": "ln_1", "mlp_norm": "ln_2"},
+        model_roles={"embed": "transformer.wte", "pos_embed": "transformer.wpe",
+                     "final_norm": "transformer.ln_f", "lm_head": "lm_head"},
+        norm_style="layer", linear_kind="conv1d", notes="Conv1D layers store weights as (in, out)"),
+    ArchitectureSpec(
+        family="opt", model_types=("opt",), layers="model.decoder.layers",
+        roles={"attention": "self_attn", "q": "self_attn.q_proj", "k": "self_attn.k_proj",
+               "v": "self_attn.v_proj", "o": "self_attn.out_proj", "fc_in": "fc1", "fc_out": "fc2",
+               "attn_norm": "self_attn_layer_norm", "mlp_norm": "final_layer_norm"},
+        model_roles={"embed": "model.decoder.embed_tokens", "pos_embed": "model.decoder.embed_positions",
+                     "final_norm": "model.decoder.final_layer_norm", "lm_head": "lm_head"},
+        norm_style="layer", fusions=(("qkv", ("q", "k", "v")),)),
+)
+
+_BY_MODEL_TYPE = {mt: spec for spec in ARCHITECTURES for mt in spec.model_types}
+
+
+def supported_model_types() -> tuple[str, ...]:
+    """Every `config.model_type` with a role table."""
+    return tuple(sorted(_BY_MODEL_TYPE))
+
+
+def model_type_of(model: torch.nn.Module) -> str:
+    config = getattr(model, "config", None)
+    return str(getattr(config, "model_type", None) or type(model).__name__)
+
+
+def spec_for(model: torch.nn.Module) -> ArchitectureSpec | None:
+    """The role table of this model's family, or None when we have none."""
+    return _BY_MODEL_TYPE.get(model_type_of(model))
+
+
+def require_spec(model: torch.nn.Module) -> ArchitectureSpec:
+    spec = spec_for(model)
+    if spec is None:
+        raise UnsupportedArchitectureError(
+            f"hetero_llm has no role table for model_type {model_type_of(model)!r}. "
+            f"Supported: {', '.join(supported_model_types())}. Pass strict=False to quantize its "
+            "Linear layers generically and leave the rest untouched (listed as skipped in the plan).")
+    return spec
+
+
+def _get(root: torch.nn.Module, path: str) -> torch.nn.Module | None:
+    try:
+        return root.get_submodule(path)
+    except AttributeError:
+        return None
+
+
+@dataclass
+class RoleMap:
+    """Module name -> role, for one model instance; plus the per-block fusion groups."""
+
+    roles: dict[str, str] = field(default_factory=dict)
+    fusion_groups: list[tuple[str, tuple[str, ...]]] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+
+
+def map_roles(model: torch.nn.Module, spec: ArchitectureSpec) -> RoleMap:
+    """Resolve the table against a model instance: which named module plays which role."""
+    result = RoleMap()
+    for role, path in spec.model_roles.items():
+        if _get(model, path) is not None:
+            result.roles[path] = role
+    blocks = _get(model, spec.layers)
+    if blocks is None:
+        raise UnsupportedArchitectureError(
+            f"{spec.family}: expected decoder blocks at {spec.layers!r} but the model has none; "
+            "was the model wrapped or restructured? Pass strict=False to handle it generically.")
+    for i in range(len(blocks)):
+        prefix = f"{spec.layers}.{i}"
+        for role, rel in spec.roles.items():
+            name = f"{prefix}.{rel}"
+            if _get(model, name) is None:
+                result.missing.append(name)
+            else:
+                result.roles[name] = role
+        for fused_role, members in spec.fusions:
+            names = tuple(f"{prefix}.{spec.roles[m]}" for m in members)
+            if all(n in result.roles for n in names):
+                result.fusion_groups.append((f"{prefix}.{fused_role}", names))
+    return result

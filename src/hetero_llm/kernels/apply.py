@@ -1,0 +1,83 @@
+"""The kernels pass: attention implementation, fused projections, fused norms."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .._modules import parent_of, replace_module
+from ..integrations.transformers import ARCHITECTURES
+from ..planner.plan import Fusion, Plan
+from ..quant.modules import Int8Linear, linear_weight
+from ..quant.primitives import QuantizedWeight
+from .modules import FusedProjection, ProjectionSlice, RMSNorm
+
+
+def _cat_bias(members: list[nn.Module]) -> torch.Tensor | None:
+    biases = [getattr(m, "bias", None) for m in members]
+    if all(b is None for b in biases):
+        return None
+    return torch.cat([b.detach().float() if b is not None else torch.zeros(m.out_features, device=m_dev(m))
+                      for m, b in zip(members, biases)])
+
+
+def m_dev(m: nn.Module) -> torch.device:
+    return next(iter(m.buffers()), next(iter(m.parameters()))).device
+
+
+def fuse_linears(members: list[nn.Module]) -> nn.Module:
+    """One linear computing every member's output, concatenated along the output dim."""
+    bias = _cat_bias(members)
+    if all(isinstance(m, Int8Linear) for m in members):
+        first = members[0]
+        zps = [m.zero_point for m in members]
+        fused = Int8Linear(first.in_features, sum(m.out_features for m in members), bias=bias is not None,
+                           asymmetric=zps[0] is not None, backend=first.backend, device=first.qweight.device)
+        qw = QuantizedWeight(torch.cat([m.qweight for m in members]), torch.cat([m.scale for m in members]),
+                             None if zps[0] is None else torch.cat(zps))
+        fused.load_quantized(qw, bias)
+        return fused
+    weights = [linear_weight(m).detach() for m in members]
+    w = torch.cat(weights)
+    fused = nn.Linear(w.shape[1], w.shape[0], bias=bias is not None, device=w.device, dtype=w.dtype)
+    with torch.no_grad():
+        fused.weight.copy_(w)
+        if bias is not None:
+            fused.bias.copy_(bias.to(w.dtype))
+    fused.requires_grad_(False)
+    return fused
+
+
+def apply_fusion(model: nn.Module, fusion: Fusion) -> None:
+    members = [model.get_submodule(n) for n in fusion.members]
+    fused = FusedProjection(fuse_linears(members), [m.out_features for m in members])
+    parent, _ = parent_of(model, fusion.members[0])
+    parent.add_module(f"hetero_{fusion.kind}", fused)
+    for i, (name, m) in enumerate(zip(fusion.members, members)):
+        replace_module(model, name, ProjectionSlice(fused, i, m.in_features))
+
+
+def _norm_offset(plan: Plan) -> float:
+    spec = next((a for a in ARCHITECTURES if a.family == plan.family), None)
+    return 1.0 if spec is not None and spec.norm_style == "rms_plus_one" else 0.0
+
+
+def swap_norm(model: nn.Module, name: str, offset: float) -> None:
+    old = model.get_submodule(name)
+    eps = getattr(old, "variance_epsilon", getattr(old, "eps", 1e-6))
+    replace_module(model, name, RMSNorm(old.weight, eps, offset))
+
+
+def kernels_pass(model: nn.Module, plan: Plan) -> list[tuple[str, str, str]]:
+    swaps = []
+    attn = plan.model_settings.get("attn_implementation")
+    if attn and getattr(model.config, "_attn_implementation", None) != attn:
+        model.set_attn_implementation(attn)
+    offset = _norm_offset(plan)
+    for e in plan.by_action("swap"):
+        if e.kernel == "torch-rms_norm":
+            swap_norm(model, e.name, offset)
+            swaps.append((e.name, e.module_type, "RMSNorm"))
+    for f in plan.fusions:
+        apply_fusion(model, f)
+        swaps.extend((n, "Int8Linear|Linear", f"ProjectionSlice of {f.kind}") for n in f.members)
+    return swaps

@@ -1,0 +1,1 @@
+"""Placement (and, later, tensor/pipeline sharding) of a planned model."""

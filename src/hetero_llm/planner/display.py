@@ -1,0 +1,81 @@
+"""Plan rendering: a plain-text table for terminals, HTML for Jupyter."""
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING, Callable
+
+if TYPE_CHECKING:
+    from .plan import Plan
+
+_INDEX = re.compile(r"\.(\d+)\.")
+COLUMNS = ("module", "type", "role", "action", "kernel", "quant", "decode µs", "reason")
+
+
+def _ranges(indices: list[int]) -> str:
+    """[0,1,2,5] -> '0-2,5'."""
+    out, start, prev = [], None, None
+    for i in sorted(indices):
+        if start is None:
+            start = prev = i
+        elif i == prev + 1:
+            prev = i
+        else:
+            out.append(f"{start}-{prev}" if start != prev else str(start))
+            start = prev = i
+    if start is not None:
+        out.append(f"{start}-{prev}" if start != prev else str(start))
+    return ",".join(out)
+
+
+def plan_rows(plan: "Plan", full: bool = False) -> list[dict[str, str]]:
+    """Rows for display; identical decisions in numbered layers collapse into one row."""
+    groups: dict[tuple, list] = {}
+    for e in plan.entries:
+        m = None if full else _INDEX.search(e.name)
+        pattern = _INDEX.sub(".{i}.", e.name, count=1) if m else e.name
+        key = (pattern, e.module_type, e.role, e.action, e.kernel, e.quant, e.reason,
+               round(e.decode_us_before, 1), round(e.decode_us_after, 1))
+        groups.setdefault(key, []).append(int(m.group(1)) if m else None)
+    rows = []
+    for key, idx in groups.items():
+        pattern, mtype, role, action, kernel, quant, reason, before, after = key
+        name = pattern.replace("{i}", "{" + _ranges([i for i in idx if i is not None]) + "}")
+        count = f" ×{len(idx)}" if len(idx) > 1 else ""
+        timing = f"{before:g} → {after:g}{count}" if (before or after) else ""
+        rows.append(dict(zip(COLUMNS, (name, mtype, role, action, kernel, quant or "-", timing, reason))))
+    return rows
+
+
+def _header(plan: "Plan") -> list[str]:
+    hw = plan.hardware.get("name", "?")
+    lines = [f"hetero_llm plan · {plan.model_type} (family: {plan.family or 'unknown'}) · "
+             f"device {plan.device} · hardware: {hw}"]
+    p = plan.prediction
+    if p is not None:
+        lines.append(f"predicted decode: {p.decode_ms_before:.2f} ms/token → {p.decode_ms_after:.2f} ms/token "
+                     f"({p.decode_speedup:.2f}x) · weights {p.weight_mb_before:.1f} MB → {p.weight_mb_after:.1f} MB")
+    counts = {a: len(plan.by_action(a)) for a in ("quantize", "swap", "keep", "skip")}
+    lines.append("modules: " + ", ".join(f"{n} {a}" for a, n in counts.items() if n)
+                 + (f"; {len(plan.fusions)} fused groups" if plan.fusions else ""))
+    if plan.model_settings:
+        lines.append("model: " + ", ".join(f"{k}={v}" for k, v in plan.model_settings.items()))
+    lines.extend(f"note: {n}" for n in plan.notes)
+    return lines
+
+
+def plan_table(plan: "Plan", full: bool = False) -> str:
+    rows = plan_rows(plan, full)
+    widths = {c: max([len(c)] + [len(r[c]) for r in rows]) for c in COLUMNS[:-1]}
+    def fmt(r: dict[str, str]) -> str:
+        return "  ".join(r[c].ljust(widths[c]) for c in COLUMNS[:-1]) + "  " + r["reason"]
+    sep = "-" * (sum(widths.values()) + 2 * len(widths) + 6)
+    body = [fmt(dict(zip(COLUMNS, COLUMNS))), sep] + [fmt(r) for r in rows]
+    return "\n".join(_header(plan) + [""] + body)
+
+
+def plan_html(plan: "Plan", esc: Callable[[str], str]) -> str:
+    head = "".join(f"<div>{esc(line)}</div>" for line in _header(plan))
+    th = "".join(f"<th style='text-align:left'>{esc(c)}</th>" for c in COLUMNS)
+    trs = "".join("<tr>" + "".join(f"<td>{esc(r[c])}</td>" for c in COLUMNS) + "</tr>"
+                  for r in plan_rows(plan))
+    return f"<div class='hetero-llm-plan'>{head}<table><thead><tr>{th}</tr></thead><tbody>{trs}</tbody></table></div>"

@@ -1,0 +1,150 @@
+"""The Plan: pure data describing what to do to each module, and why.
+
+A plan can be made on one machine, saved as JSON, edited, and applied on
+another. `to_json`/`from_json` round-trip exactly (floats are written with
+repr precision).
+"""
+from __future__ import annotations
+
+import html
+import json
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+from ..errors import PlanMismatchError
+
+PLAN_VERSION = 1
+
+
+@dataclass(frozen=True)
+class PlanEntry:
+    """The decision for one module.
+
+    action: "quantize" | "swap" (replaced by a faster equivalent) | "keep"
+    (left as is, on purpose) | "skip" (left as is: we do not know it).
+    decode_us_before/after: predicted time per decoded token on `device`.
+    """
+
+    name: str
+    module_type: str
+    role: str
+    action: str
+    device: str
+    kernel: str
+    quant: str | None = None
+    prune: str | None = None
+    shard: str | None = None
+    reason: str = ""
+    params: int = 0
+    decode_us_before: float = 0.0
+    decode_us_after: float = 0.0
+
+
+@dataclass(frozen=True)
+class Fusion:
+    """Linears that read one input, computed as a single matmul registered at `name`."""
+
+    name: str
+    members: tuple[str, ...]
+    kind: str  # "qkv" | "gate_up"
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """Whole-model predictions from the cost model, per decoded token."""
+
+    decode_ms_before: float
+    decode_ms_after: float
+    weight_mb_before: float
+    weight_mb_after: float
+
+    @property
+    def decode_speedup(self) -> float:
+        return self.decode_ms_before / self.decode_ms_after if self.decode_ms_after > 0 else 1.0
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Every decision hetero_llm makes for one model on one machine."""
+
+    model_type: str
+    family: str | None
+    device: str
+    hardware: dict[str, Any]
+    options: dict[str, Any]
+    entries: tuple[PlanEntry, ...]
+    fusions: tuple[Fusion, ...] = ()
+    model_settings: dict[str, Any] = field(default_factory=dict)
+    prediction: Prediction | None = None
+    notes: tuple[str, ...] = ()
+    version: int = PLAN_VERSION
+
+    # -- lookups -------------------------------------------------------------
+    def entry(self, name: str) -> PlanEntry:
+        for e in self.entries:
+            if e.name == name:
+                return e
+        raise KeyError(name)
+
+    def by_action(self, action: str) -> list[PlanEntry]:
+        return [e for e in self.entries if e.action == action]
+
+    def with_entry(self, name: str, **changes: Any) -> "Plan":
+        """A copy with one entry edited (pinning a decision by hand)."""
+        self.entry(name)
+        new = tuple(replace(e, **changes) if e.name == name else e for e in self.entries)
+        return replace(self, entries=new)
+
+    # -- serialization -------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["entries"] = [asdict(e) for e in self.entries]
+        return d
+
+    def to_json(self, indent: int | None = 1) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Plan":
+        version = d.get("version")
+        if version != PLAN_VERSION:
+            raise PlanMismatchError(
+                f"plan version {version!r} is not supported by this hetero_llm (reads version "
+                f"{PLAN_VERSION}); re-plan the model with hetero_llm.plan().")
+        try:
+            pred = d.get("prediction")
+            return cls(
+                model_type=d["model_type"], family=d["family"], device=d["device"],
+                hardware=d["hardware"], options=d["options"],
+                entries=tuple(PlanEntry(**e) for e in d["entries"]),
+                fusions=tuple(Fusion(f["name"], tuple(f["members"]), f["kind"]) for f in d["fusions"]),
+                model_settings=dict(d.get("model_settings", {})),
+                prediction=Prediction(**pred) if pred else None,
+                notes=tuple(d.get("notes", ())), version=version)
+        except (KeyError, TypeError) as exc:
+            raise PlanMismatchError(f"not a valid hetero_llm plan: {exc}") from exc
+
+    @classmethod
+    def from_json(cls, text: str) -> "Plan":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise PlanMismatchError(f"plan is not valid JSON: {exc}") from exc
+        return cls.from_dict(data)
+
+    # -- display -------------------------------------------------------------
+    def rows(self, full: bool = False) -> list[dict[str, str]]:
+        from .display import plan_rows
+        return plan_rows(self, full)
+
+    def table(self, full: bool = False) -> str:
+        """Plain-text table; layers with identical decisions are grouped unless full=True."""
+        from .display import plan_table
+        return plan_table(self, full)
+
+    def __str__(self) -> str:
+        return self.table()
+
+    def _repr_html_(self) -> str:
+        from .display import plan_html
+        return plan_html(self, html.escape)

@@ -1,0 +1,177 @@
+"""The planner: hardware + model profile + options -> Plan. Never touches the model."""
+from __future__ import annotations
+
+from dataclasses import replace
+
+from torch import nn
+
+from ..config import Options
+from ..errors import HardwareError
+from ..hardware import Hardware
+from ..integrations.transformers import (ArchitectureSpec, map_roles, model_type_of, require_spec,
+                                         spec_for)
+from ..quant.backends import BACKENDS
+from ..quant.modules import SCHEME_LABELS
+from . import cost
+from .plan import Fusion, Plan, PlanEntry, Prediction
+from .profile import ModuleProfile, profile_model
+
+_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1}
+
+
+def choose_device(requested: str, hardware: Hardware) -> str:
+    if requested == "auto":
+        return "cuda" if hardware.gpus else "cpu"
+    if requested == "cuda" and not hardware.gpus:
+        raise HardwareError(f"device='cuda' was asked for but {hardware.name!r} has no CUDA GPU; "
+                            "use device='cpu' or 'auto'.")
+    return requested
+
+
+def choose_scheme(options: Options, device: str) -> tuple[str, str]:
+    """(scheme, why) for the model's linears."""
+    scheme = options.quantize.scheme
+    if scheme == "auto":
+        if device == "cpu":
+            return "int8", ("decode on CPU is memory-bound: INT8 weights read 4x fewer bytes than fp32 "
+                            "and per-channel scales keep accuracy")
+        return "none", "no GPU INT8 kernel in this version: the GPU runs the model's own dtype"
+    if scheme == "none":
+        return "none", "quantize='none' was asked for"
+    return scheme, f"quantize={scheme!r} was asked for"
+
+
+def _linear_kernel(p: ModuleProfile, device: str, options: Options) -> tuple[str, str]:
+    """(kernel, note) for a quantized linear."""
+    import torch  # local: keeps planning importable without touching devices
+    if options.kernels.backend == "torch":
+        return "torch-dequant", "kernels='torch': reference INT8 path"
+    if BACKENDS["cpu-int8pack"].supports(p.in_features, torch.device(device)):
+        return "cpu-int8pack", ""
+    if device == "cpu" and p.in_features % 16:
+        return "torch-dequant", f"in_features={p.in_features} is not a multiple of 16: reference INT8 path"
+    if device == "cpu":
+        return "torch-dequant", "this torch build has no usable int8 GEMV kernel: reference INT8 path"
+    return "torch-dequant", "GPU runs the reference INT8 path (dequantize, then matmul)"
+
+
+def _plan_linear(p: ModuleProfile, device: str, options: Options, scheme: str, why: str,
+                 roof: cost.Roofline, tied_lm_head: bool) -> PlanEntry:
+    before = cost.linear_us(p, roof, "torch", _BYTES.get(p.dtype, 4))
+    base = PlanEntry(p.name, p.module_type, p.role, "keep", device, "torch", reason=why,
+                     params=p.params, decode_us_before=before, decode_us_after=before)
+    if scheme == "none":
+        return base
+    if p.role == "lm_head" and not options.quantize.lm_head:
+        return replace(base, reason="QuantConfig(lm_head=False): output projection kept in floating point")
+    if p.dtype == "int8":
+        return replace(base, reason="already INT8")
+    kernel, note = _linear_kernel(p, device, options)
+    after = cost.linear_us(p, roof, kernel, 1.0)
+    reason = why
+    if p.role == "lm_head" and tied_lm_head:
+        reason += "; tied to the embedding, which keeps its floating-point copy for lookups"
+    if note:
+        reason += f"; {note}"
+    return replace(base, action="quantize", kernel=kernel, quant=scheme, reason=reason, decode_us_after=after)
+
+
+def _plan_other(p: ModuleProfile, device: str, spec: ArchitectureSpec | None, options: Options,
+                roof: cost.Roofline) -> PlanEntry:
+    base = PlanEntry(p.name, p.module_type, p.role, "keep", device, "torch", params=p.params)
+    if spec is None:
+        return replace(base, action="skip", reason="unknown architecture: no role table, left untouched")
+    if p.kind == "norm":
+        t = cost.norm_us("torch", roof)
+        if spec.norm_style == "layer":
+            t = cost.norm_us("torch-layer_norm", roof)
+            return replace(base, reason="LayerNorm is already one torch kernel", decode_us_before=t, decode_us_after=t)
+        if not options.kernels.fuse_norms:
+            return replace(base, reason="fuse_norms=False", decode_us_before=t, decode_us_after=t)
+        return replace(base, action="swap", kernel="torch-rms_norm", decode_us_before=t,
+                       decode_us_after=cost.norm_us("torch-rms_norm", roof),
+                       reason="RMSNorm's seven small ops become torch's single rms_norm")
+    if p.kind == "attention":
+        return replace(base, kernel="sdpa", reason="scaled_dot_product_attention (fused, KV cache kept)")
+    if p.kind == "embedding":
+        return replace(base, reason="a lookup reads one row per token: quantizing it saves memory, not time")
+    return replace(base, action="skip", reason=f"{p.module_type} has no role in the {spec.family} table")
+
+
+def _fusions(entries: dict[str, PlanEntry], groups, options: Options, roof) -> list[Fusion]:
+    if not options.kernels.fuse_projections:
+        return []
+    out = []
+    for fused_name, members in groups:
+        es = [entries[m] for m in members]
+        if len({(e.action, e.kernel, e.quant, e.device) for e in es}) != 1:
+            continue  # members planned differently cannot share one matmul
+        kind = fused_name.rsplit(".", 1)[-1]
+        out.append(Fusion(fused_name, tuple(members), kind))
+        saved = cost.CALL_OVERHEAD_US[roof.device]
+        for m in members[1:]:
+            entries[m] = replace(entries[m], decode_us_after=max(entries[m].decode_us_after - saved, 0.0),
+                                 kernel=f"{entries[m].kernel}+fused:{kind}")
+        entries[members[0]] = replace(entries[members[0]], kernel=f"{entries[members[0]].kernel}+fused:{kind}")
+    return out
+
+
+def _prediction(entries: dict[str, PlanEntry], profiles: list[ModuleProfile], tied: set[str],
+                n_blocks: int, roof: cost.Roofline) -> Prediction:
+    fixed = cost.fixed_overhead_us(n_blocks, roof)
+    before = fixed + sum(e.decode_us_before for e in entries.values())
+    after = fixed + sum(e.decode_us_after for e in entries.values())
+    w_before = sum(p.weight_bytes for p in profiles if p.name not in tied)
+    w_after = 0
+    for p in profiles:
+        if entries[p.name].action == "quantize":
+            # int8 weight + fp32 scale (+ fp32 bias); a tied lm_head gets its own copy
+            w_after += p.params + 4 * p.out_features * (2 if p.has_bias else 1)
+        elif p.name not in tied:
+            w_after += p.weight_bytes
+    return Prediction(before / 1e3, after / 1e3, w_before / 2**20, w_after / 2**20)
+
+
+def _tied(model: nn.Module) -> set[str]:
+    """Modules whose weight is the same Parameter as an earlier module's (a tied lm_head)."""
+    seen, tied = set(), set()
+    for name, module in model.named_modules():
+        w = getattr(module, "weight", None)
+        if not isinstance(w, nn.Parameter):
+            continue
+        if id(w) in seen:
+            tied.add(name)
+        seen.add(id(w))
+    return tied
+
+
+def make_plan(model: nn.Module, hardware: Hardware, options: Options, *, strict: bool = True) -> Plan:
+    """Decide, per module, what accelerate() will do; the model is not changed."""
+    spec = require_spec(model) if strict else spec_for(model)
+    role_map = map_roles(model, spec) if spec is not None else None
+    profiles = profile_model(model, role_map.roles if role_map else None)
+    device = choose_device(options.placement.device, hardware)
+    roof = cost.roofline(hardware, device)
+    scheme, why = choose_scheme(options, device)
+    tied = _tied(model)
+    entries: dict[str, PlanEntry] = {}
+    for p in profiles:
+        if p.kind == "linear":
+            entries[p.name] = _plan_linear(p, device, options, scheme, why, roof, p.name in tied)
+        else:
+            entries[p.name] = _plan_other(p, device, spec, options, roof)
+    fusions = _fusions(entries, role_map.fusion_groups if role_map else [], options, roof)
+    notes = []
+    if spec is None:
+        notes.append(f"model_type {model_type_of(model)!r} has no role table: Linear layers are "
+                     "handled generically, everything else is left untouched")
+    if role_map and role_map.missing:
+        notes.append(f"{len(role_map.missing)} table entries not found in this model "
+                     f"(first: {role_map.missing[0]})")
+    n_blocks = sum(1 for p in profiles if p.kind == "attention") or 1
+    ordered = list(entries.values())
+    settings = {"attn_implementation": "sdpa"} if hasattr(model, "set_attn_implementation") else {}
+    return Plan(model_type=model_type_of(model), family=spec.family if spec else None, device=device,
+                hardware=hardware.to_dict(), options=options.to_dict(), entries=tuple(ordered),
+                fusions=tuple(fusions), model_settings=settings,
+                prediction=_prediction(entries, profiles, tied, n_blocks, roof), notes=tuple(notes))

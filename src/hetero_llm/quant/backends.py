@@ -1,0 +1,92 @@
+"""How an INT8 weight-only matmul is computed: strategy objects, one per backend.
+
+The quantized module does not care which one runs; the plan names it. Every
+backend is checked against `TorchReference`.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+# Batch rows at or below this use the GEMV kernel; above it the dequantize +
+# bf16 GEMM path wins (measured on AVX-512 CPUs: at 512 rows int8pack is ~3x
+# slower than a bf16 GEMM on the dequantized weight).
+GEMV_MAX_ROWS = 16
+
+
+class TorchReference:
+    """Dequantize to the activation dtype and run a plain matmul. Always works."""
+
+    name = "torch-dequant"
+
+    def supports(self, in_features: int, device: torch.device) -> bool:
+        return True
+
+    def matmul(self, x2d: torch.Tensor, layer) -> torch.Tensor:
+        w = layer.qweight.to(x2d.dtype)
+        if layer.zero_point is not None:
+            w = w - layer.zero_point.to(x2d.dtype)[:, None]
+        return F.linear(x2d, w) * layer.scale.to(x2d.dtype)
+
+
+@functools.lru_cache(maxsize=1)
+def int8pack_available() -> bool:
+    """torch's CPU weight-only INT8 kernel exists and is right on this build."""
+    op = getattr(torch.ops.aten, "_weight_int8pack_mm", None)
+    if op is None:
+        return False
+    try:
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(2, 64, generator=g)
+        q = torch.randint(-127, 128, (48, 64), generator=g, dtype=torch.int8)
+        s = torch.rand(48, generator=g) + 0.5
+        got = op(x.to(torch.bfloat16), q, s.to(torch.bfloat16)).float()
+        want = x @ (q.float() * s[:, None]).T
+        # bf16 activations and output: relative error ~1e-2 at most.
+        return bool((got - want).abs().max() <= 2e-2 * want.abs().max())
+    except Exception:  # noqa: BLE001 - any failure means "not usable here"
+        return False
+
+
+class CpuInt8Pack:
+    """CPU: torch's AVX-512/AVX2 int8 GEMV for decode, dequantize + bf16 GEMM for prefill.
+
+    Activations enter the matmul in bf16 (accumulation is fp32 inside both
+    kernels); the result is scaled in fp32 and returned in the input dtype.
+    """
+
+    name = "cpu-int8pack"
+
+    def supports(self, in_features: int, device: torch.device) -> bool:
+        # The kernel reads K in blocks of 16 and returns garbage (or crashes)
+        # for other widths, so those layers use the reference path.
+        return device.type == "cpu" and in_features % 16 == 0 and int8pack_available()
+
+    def matmul(self, x2d: torch.Tensor, layer) -> torch.Tensor:
+        xb = x2d.to(torch.bfloat16)
+        if x2d.shape[0] <= GEMV_MAX_ROWS:
+            # Scales are bf16-representable (see primitives), so the kernel's
+            # bf16 scale is exact. This path is overhead-bound: keep it short.
+            y = torch.ops.aten._weight_int8pack_mm(xb, layer.qweight, layer.scale_bf16)
+        else:
+            # bf16 result times fp32 scale promotes to fp32 in one op.
+            y = F.linear(xb, layer.qweight.to(torch.bfloat16)) * layer.scale
+        if layer.zero_point is not None:
+            # sum_k x_k (q_nk - z_n) s_n = (x q^T)_n s_n - (sum_k x_k) z_n s_n
+            y = y.float() - x2d.float().sum(dim=1, keepdim=True) * layer.zero_scale
+        return y
+
+
+BACKENDS = {b.name: b for b in (CpuInt8Pack(), TorchReference())}
+
+
+def pick_backend(in_features: int, device: torch.device, preferred: str = "auto") -> str:
+    """The fastest backend that supports this layer on this device."""
+    if preferred != "auto":
+        return preferred
+    for name in ("cpu-int8pack", "torch-dequant"):
+        if BACKENDS[name].supports(in_features, device):
+            return name
+    return "torch-dequant"

@@ -1,0 +1,108 @@
+"""Quantized modules that replace nn.Linear (and GPT-2's Conv1D) in a model."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .backends import BACKENDS, pick_backend
+from .primitives import QuantizedWeight, dequantize, quantize_asymmetric, quantize_symmetric
+
+SCHEME_LABELS = {"int8": "int8 sym per-channel, weight-only",
+                 "int8-asym": "int8 asym per-channel, weight-only"}
+
+
+def linear_weight(module: nn.Module) -> torch.Tensor:
+    """The (out, in) weight of an nn.Linear or a transformers Conv1D (stored (in, out))."""
+    if isinstance(module, nn.Linear):
+        return module.weight
+    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
+        return module.weight.t()
+    raise TypeError(f"not a linear layer: {type(module).__name__}")
+
+
+def is_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or (type(module).__name__ == "Conv1D" and hasattr(module, "nf"))
+
+
+class Int8Linear(nn.Module):
+    """y = x W^T + b with W held as INT8 plus per-output-channel fp32 scales.
+
+    The integer weight is what is stored and read at run time (no fake
+    quantization). `backend` names the strategy in quant.backends that
+    computes the matmul; the torch reference always works.
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, bias: bool, asymmetric: bool,
+                 backend: str = "torch-dequant", device=None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.scheme = "int8-asym" if asymmetric else "int8"
+        self.backend = backend
+        self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("scale", torch.ones(out_features, dtype=torch.float32, device=device))
+        self.register_buffer("zero_point", torch.zeros(out_features, dtype=torch.int32, device=device)
+                             if asymmetric else None)
+        self.register_buffer("bias", torch.zeros(out_features, device=device) if bias else None)
+        # Derived, not saved: rebuilt from the saved buffers by _refresh().
+        self.register_buffer("scale_bf16", None, persistent=False)
+        self.register_buffer("zero_scale", None, persistent=False)
+        self._refresh()
+
+    def _refresh(self) -> None:
+        # model.to(fp16) casts every floating buffer; scales and biases stay fp32.
+        self.scale = self.scale.float()
+        if self.bias is not None:
+            self.bias = self.bias.float()
+        self.scale_bf16 = self.scale.to(torch.bfloat16)  # exact: scales are bf16-representable
+        self.zero_scale = None if self.zero_point is None else self.zero_point.float() * self.scale
+
+    @classmethod
+    def from_linear(cls, module: nn.Module, scheme: str = "int8", backend: str = "auto",
+                    name: str = "weight") -> "Int8Linear":
+        weight = linear_weight(module)
+        asym = scheme == "int8-asym"
+        qw = (quantize_asymmetric if asym else quantize_symmetric)(weight, name)
+        out_f, in_f = weight.shape
+        bias = getattr(module, "bias", None)
+        chosen = pick_backend(in_f, weight.device, backend)
+        layer = cls(in_f, out_f, bias=bias is not None, asymmetric=asym, backend=chosen, device=weight.device)
+        layer.load_quantized(qw, None if bias is None else bias.detach().float())
+        return layer
+
+    def load_quantized(self, qw: QuantizedWeight, bias: torch.Tensor | None) -> None:
+        self.qweight = qw.qweight.contiguous()
+        self.scale = qw.scale.float().contiguous()
+        self.zero_point = None if qw.zero_point is None else qw.zero_point.int().contiguous()
+        self.bias = None if bias is None else bias.float().contiguous()
+        self._refresh()
+
+    def quantized_weight(self) -> QuantizedWeight:
+        return QuantizedWeight(self.qweight, self.scale, self.zero_point)
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return dequantize(self.quantized_weight(), dtype)
+
+    def _apply(self, fn, recurse=True):
+        # .to(device) moves the buffers; the derived ones follow.
+        result = super()._apply(fn, recurse)
+        self._refresh()
+        return result
+
+    @property
+    def backend(self) -> str:
+        return self._backend
+
+    @backend.setter
+    def backend(self, name: str) -> None:
+        self._backend = name
+        self._matmul = BACKENDS[name].matmul  # bound once: decode calls this ~200 times a token
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self._matmul(x.reshape(-1, self.in_features), self)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, scheme={self.scheme}, backend={self.backend}")
