@@ -36,6 +36,12 @@ class ArchitectureSpec:
     norm_style: str = "rms"  # "rms": w * norm(x); "rms_plus_one": (1 + w) * norm(x); "layer": LayerNorm
     fusions: tuple[tuple[str, tuple[str, ...]], ...] = ()
     linear_kind: str = "linear"  # "linear": weight (out, in); "conv1d": GPT-2's Conv1D, weight (in, out)
+    # Name of the activation module when the MLP computes down(act(gate(x)) * up(x)):
+    # such an MLP may be replaced whole by one fused module.
+    gated_mlp_act: str | None = None
+    # "rotary": Llama-style attention (fused qkv, rotary from position_embeddings,
+    # SDPA) that may be replaced whole by kernels.modules.RotaryAttention.
+    attention_style: str | None = None
     notes: str = ""
 
 
@@ -52,7 +58,8 @@ _LLAMA_FUSIONS = (("qkv", ("q", "k", "v")), ("gate_up", ("gate", "up")))
 def _llama_like(family: str, model_types: tuple[str, ...], **kw) -> ArchitectureSpec:
     return ArchitectureSpec(family=family, model_types=model_types, layers="model.layers",
                             roles=dict(_LLAMA_BLOCK), model_roles=dict(_LLAMA_MODEL),
-                            fusions=_LLAMA_FUSIONS, **kw)
+                            fusions=_LLAMA_FUSIONS, gated_mlp_act="act_fn",
+                            attention_style="rotary", **kw)
 
 
 ARCHITECTURES: tuple[ArchitectureSpec, ...] = (
@@ -85,6 +92,10 @@ ARCHITECTURES: tuple[ArchitectureSpec, ...] = (
 )
 
 _BY_MODEL_TYPE = {mt: spec for spec in ARCHITECTURES for mt in spec.model_types}
+
+
+def spec_by_family(family: str | None) -> ArchitectureSpec | None:
+    return next((a for a in ARCHITECTURES if a.family == family), None)
 
 
 def supported_model_types() -> tuple[str, ...]:
@@ -124,7 +135,7 @@ class RoleMap:
     """Module name -> role, for one model instance; plus the per-block fusion groups."""
 
     roles: dict[str, str] = field(default_factory=dict)
-    fusion_groups: list[tuple[str, tuple[str, ...]]] = field(default_factory=list)
+    fusion_groups: list[tuple[str, tuple[str, ...], str]] = field(default_factory=list)  # (name, members, kind)
     missing: list[str] = field(default_factory=list)
 
 
@@ -149,6 +160,13 @@ def map_roles(model: torch.nn.Module, spec: ArchitectureSpec) -> RoleMap:
                 result.roles[name] = role
         for fused_role, members in spec.fusions:
             names = tuple(f"{prefix}.{spec.roles[m]}" for m in members)
-            if all(n in result.roles for n in names):
-                result.fusion_groups.append((f"{prefix}.{fused_role}", names))
+            if not all(n in result.roles for n in names):
+                continue
+            # A fused module that replaces its whole parent is named after it.
+            if fused_role == "gate_up" and spec.gated_mlp_act:
+                result.fusion_groups.append((f"{prefix}.{spec.roles['mlp']}", names, "gated_mlp"))
+            elif fused_role == "qkv" and spec.attention_style == "rotary":
+                result.fusion_groups.append((f"{prefix}.{spec.roles['attention']}", names, "rotary_attention"))
+            else:
+                result.fusion_groups.append((f"{prefix}.{fused_role}", names, fused_role))
     return result

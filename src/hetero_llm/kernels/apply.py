@@ -5,11 +5,11 @@ import torch
 from torch import nn
 
 from .._modules import parent_of, replace_module
-from ..integrations.transformers import ARCHITECTURES
+from ..integrations.transformers import spec_by_family
 from ..planner.plan import Fusion, Plan
 from ..quant.modules import Int8Linear, linear_weight
 from ..quant.primitives import QuantizedWeight
-from .modules import FusedProjection, ProjectionSlice, RMSNorm
+from .modules import FusedProjection, GatedMLP, ProjectionSlice, RMSNorm, RotaryAttention
 
 
 def _cat_bias(members: list[nn.Module]) -> torch.Tensor | None:
@@ -47,6 +47,20 @@ def fuse_linears(members: list[nn.Module]) -> nn.Module:
     return fused
 
 
+def apply_gated_mlp(model: nn.Module, fusion: Fusion, act_attr: str, down_attr: str) -> None:
+    mlp = model.get_submodule(fusion.name)
+    gate, up = (model.get_submodule(n) for n in fusion.members)
+    fused = GatedMLP(fuse_linears([gate, up]), getattr(mlp, down_attr), getattr(mlp, act_attr), gate.out_features)
+    replace_module(model, fusion.name, fused)
+
+
+def apply_rotary_attention(model: nn.Module, fusion: Fusion) -> None:
+    attn = model.get_submodule(fusion.name)
+    q, k, v = (model.get_submodule(n) for n in fusion.members)
+    heads, kv_heads = q.out_features // attn.head_dim, k.out_features // attn.head_dim
+    replace_module(model, fusion.name, RotaryAttention(attn, fuse_linears([q, k, v]), heads, kv_heads))
+
+
 def apply_fusion(model: nn.Module, fusion: Fusion) -> None:
     members = [model.get_submodule(n) for n in fusion.members]
     fused = FusedProjection(fuse_linears(members), [m.out_features for m in members])
@@ -57,7 +71,7 @@ def apply_fusion(model: nn.Module, fusion: Fusion) -> None:
 
 
 def _norm_offset(plan: Plan) -> float:
-    spec = next((a for a in ARCHITECTURES if a.family == plan.family), None)
+    spec = spec_by_family(plan.family)
     return 1.0 if spec is not None and spec.norm_style == "rms_plus_one" else 0.0
 
 
@@ -77,7 +91,15 @@ def kernels_pass(model: nn.Module, plan: Plan) -> list[tuple[str, str, str]]:
         if e.kernel == "torch-rms_norm":
             swap_norm(model, e.name, offset)
             swaps.append((e.name, e.module_type, "RMSNorm"))
+    spec = spec_by_family(plan.family)
     for f in plan.fusions:
-        apply_fusion(model, f)
-        swaps.extend((n, "Int8Linear|Linear", f"ProjectionSlice of {f.kind}") for n in f.members)
+        if f.kind == "gated_mlp":
+            apply_gated_mlp(model, f, spec.gated_mlp_act, spec.roles["down"].rsplit(".", 1)[-1])
+            swaps.append((f.name, "MLP", "GatedMLP"))
+        elif f.kind == "rotary_attention":
+            apply_rotary_attention(model, f)
+            swaps.append((f.name, "Attention", "RotaryAttention"))
+        else:
+            apply_fusion(model, f)
+            swaps.extend((n, "linear", f"ProjectionSlice of {f.kind}") for n in f.members)
     return swaps

@@ -9,6 +9,7 @@ computes all three.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .rms_norm import rms_norm
@@ -21,20 +22,21 @@ class FusedProjection(nn.Module):
         super().__init__()
         self.linear = linear
         self.sizes = list(sizes)
-        # (input tensor, outputs, [calls left]) of the last input. The input is
-        # matched by identity, so a different tensor always recomputes: results
-        # are right whatever order or thread the slices are called from.
-        self._last: tuple[torch.Tensor, tuple[torch.Tensor, ...], list[int]] | None = None
+        # slot[0] = (input tensor, outputs, [calls left]) of the last input. The
+        # input is matched by identity, so a different tensor always recomputes:
+        # results are right whatever order or thread the slices are called in.
+        # (A list slot, because nn.Module.__setattr__ is slow on this hot path.)
+        self._slot: list = [None]
 
     def part(self, x: torch.Tensor, index: int) -> torch.Tensor:
-        last = self._last  # one read: another thread may replace it meanwhile
+        slot = self._slot
+        last = slot[0]  # one read: another thread may replace it meanwhile
         if last is None or last[0] is not x:
-            outputs = self.linear(x).split(self.sizes, dim=-1)
-            last = (x, outputs, [len(self.sizes)])
-            self._last = last
+            last = (x, self.linear(x).split(self.sizes, dim=-1), [len(self.sizes)])
+            slot[0] = last
         last[2][0] -= 1
-        if last[2][0] <= 0 and self._last is last:
-            self._last = None  # every slice has been served: free the activations
+        if last[2][0] <= 0 and slot[0] is last:
+            slot[0] = None  # every slice has been served: free the activations
         return last[1][index]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -66,6 +68,72 @@ class ProjectionSlice(nn.Module):
 
     def extra_repr(self) -> str:
         return f"part {self.index} of fused, out_features={self.out_features}"
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class RotaryAttention(nn.Module):
+    """Llama-style self-attention with q/k/v as one matmul and one rotary pass.
+
+    Same math as transformers' Llama/Mistral/Qwen2/Gemma attention forward with
+    SDPA, in fewer ops: the fused projection is viewed as heads once, q and k
+    are rotated together, and SDPA handles GQA. The KV cache is the model's own
+    Cache object, so generate(), static caches and padding masks work as before.
+    """
+
+    def __init__(self, attn: nn.Module, qkv: nn.Module, num_heads: int, num_kv_heads: int) -> None:
+        super().__init__()
+        self.qkv, self.o_proj = qkv, attn.o_proj
+        self.layer_idx = attn.layer_idx
+        self.scaling = attn.scaling
+        self.head_dim = attn.head_dim
+        self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
+        self.config = attn.config  # read by transformers' mask and cache helpers
+        self.is_causal = True
+
+    def forward(self, hidden_states: torch.Tensor, position_embeddings=None, attention_mask=None,
+                past_key_values=None, **kwargs):
+        b, s, _ = hidden_states.shape
+        h, hk = self.num_heads, self.num_kv_heads
+        qkv = self.qkv(hidden_states).view(b, s, h + 2 * hk, self.head_dim).transpose(1, 2)
+        cos, sin = position_embeddings
+        qk = qkv[:, : h + hk]
+        qk = qk * cos.unsqueeze(1) + _rotate_half(qk) * sin.unsqueeze(1)
+        q, k = qk.split([h, hk], dim=1)
+        v = qkv[:, h + hk:]
+        if past_key_values is not None:
+            k, v = past_key_values.update(k, v, self.layer_idx)
+        if attention_mask is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=s > 1, scale=self.scaling,
+                                                 enable_gqa=h != hk)
+        else:
+            # Masked GQA: expand the kv heads, as transformers does; SDPA's
+            # enable_gqa does not take a mask on every backend.
+            if h != hk:
+                k, v = k.repeat_interleave(h // hk, dim=1), v.repeat_interleave(h // hk, dim=1)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, scale=self.scaling)
+        return self.o_proj(out.transpose(1, 2).reshape(b, s, -1)), None
+
+
+class GatedMLP(nn.Module):
+    """down(act(gate(x)) * up(x)) with gate and up computed as one matmul.
+
+    Replaces a whole Llama-style MLP module: one module call instead of five.
+    `act` is the model's own activation module, so GELU-tanh (Gemma) and SiLU
+    (Llama, Mistral, Qwen2) are both exact.
+    """
+
+    def __init__(self, gate_up: nn.Module, down: nn.Module, act: nn.Module, intermediate: int) -> None:
+        super().__init__()
+        self.gate_up, self.down_proj, self.act_fn = gate_up, down, act
+        self.intermediate = intermediate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).split(self.intermediate, dim=-1)
+        return self.down_proj(self.act_fn(gate) * up)
 
 
 class RMSNorm(nn.Module):

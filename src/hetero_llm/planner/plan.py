@@ -42,11 +42,15 @@ class PlanEntry:
 
 @dataclass(frozen=True)
 class Fusion:
-    """Linears that read one input, computed as a single matmul registered at `name`."""
+    """Linears that read one input, computed as a single matmul.
+
+    kind "qkv" (or "gate_up"): the members become slices of one fused matmul.
+    kind "gated_mlp": the MLP module at `name` is replaced whole by a fused one.
+    """
 
     name: str
     members: tuple[str, ...]
-    kind: str  # "qkv" | "gate_up"
+    kind: str
 
 
 @dataclass(frozen=True)

@@ -92,7 +92,9 @@ def _plan_other(p: ModuleProfile, device: str, spec: ArchitectureSpec | None, op
                        decode_us_after=cost.norm_us("torch-rms_norm", roof),
                        reason="RMSNorm's seven small ops become torch's single rms_norm")
     if p.kind == "attention":
-        return replace(base, kernel="sdpa", reason="scaled_dot_product_attention (fused, KV cache kept)")
+        t = cost.attention_us("sdpa", roof)
+        return replace(base, kernel="sdpa", decode_us_before=t, decode_us_after=t,
+                       reason="scaled_dot_product_attention (fused, KV cache kept)")
     if p.kind == "embedding":
         return replace(base, reason="a lookup reads one row per token: quantizing it saves memory, not time")
     return replace(base, action="skip", reason=f"{p.module_type} has no role in the {spec.family} table")
@@ -102,12 +104,16 @@ def _fusions(entries: dict[str, PlanEntry], groups, options: Options, roof) -> l
     if not options.kernels.fuse_projections:
         return []
     out = []
-    for fused_name, members in groups:
+    for fused_name, members, kind in groups:
         es = [entries[m] for m in members]
         if len({(e.action, e.kernel, e.quant, e.device) for e in es}) != 1:
             continue  # members planned differently cannot share one matmul
-        kind = fused_name.rsplit(".", 1)[-1]
         out.append(Fusion(fused_name, tuple(members), kind))
+        if kind == "rotary_attention":
+            entries[fused_name] = replace(
+                entries[fused_name], action="swap", kernel="sdpa+rotary",
+                decode_us_after=cost.attention_us("rotary", roof),
+                reason="one q/k/v matmul, q and k rotated together, SDPA with GQA; same math, fewer ops")
         saved = cost.CALL_OVERHEAD_US[roof.device]
         for m in members[1:]:
             entries[m] = replace(entries[m], decode_us_after=max(entries[m].decode_us_after - saved, 0.0),
