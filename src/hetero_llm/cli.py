@@ -1,0 +1,173 @@
+"""`hetero-llm inspect | plan | bench | eval` from a shell."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .errors import HeteroLLMError
+
+BENCH_OUT = "hetero_llm_results"
+
+
+def _add_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quantize", default="auto", help="auto | int8 | int8-asym | none (default: auto)")
+    p.add_argument("--kernels", default="auto", help="auto | torch (default: auto)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
+    p.add_argument("--no-strict", action="store_true",
+                   help="handle unknown architectures generically instead of refusing")
+
+
+def _options(args) -> dict:
+    return dict(quantize=args.quantize, kernels=args.kernels, device=args.device)
+
+
+def _meta_model(path: Path):
+    """A weightless model from a config (config.json or a folder holding one): plans any size."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+    config = AutoConfig.from_pretrained(path.parent if path.is_file() else path, local_files_only=True)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def _model_for_plan(name: str):
+    from .evaluate import load_model
+    path = Path(name)
+    has_weights = path.is_dir() and any(path.glob("*.safetensors"))
+    if path.exists() and not has_weights:
+        return _meta_model(path)
+    return load_model(name)[0]
+
+
+def cmd_inspect(args) -> int:
+    from .hardware import inspect_hardware
+    hw = inspect_hardware()
+    print(hw.to_json() if args.json else hw)
+    return 0
+
+
+def cmd_plan(args) -> int:
+    from .api import plan
+    model = _model_for_plan(args.model)
+    p = plan(model, hardware=args.hardware, strict=not args.no_strict, **_options(args))
+    print(p.to_json() if args.json else p.table(full=args.full))
+    return 0
+
+
+def _variants(args):
+    """Fresh copies of the model: original, hetero_llm, and the peer a CPU user would pick."""
+    from .api import accelerate
+    from .evaluate import load_model, torch_dynamic_int8
+    original, tokenizer = load_model(args.model)
+    accelerated = accelerate(load_model(args.model)[0], strict=not args.no_strict, **_options(args))
+    variants = {"original": original, "hetero_llm": accelerated}
+    if not args.no_peer:
+        variants["torch-dynamic-int8"] = torch_dynamic_int8(load_model(args.model)[0])
+    return variants, tokenizer
+
+
+def _set_threads(n: int | None) -> None:
+    if n:
+        import torch
+        torch.set_num_threads(n)
+
+
+def cmd_bench(args) -> int:
+    from .evaluate import format_table, run_bench, save_chart, save_json
+    _set_threads(args.threads)
+    variants, tokenizer = _variants(args)
+    print(variants["hetero_llm"].hetero_plan)
+    print()
+    result = run_bench(variants, tokenizer, repeats=args.repeats, new_tokens=args.new_tokens,
+                       prompt_len=args.prompt_len, perplexity_tokens=args.ppl_tokens or None,
+                       progress=not args.quiet, model_name=args.model)
+    print(format_table(result))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    json_path = save_json(result, out / "bench.json")
+    print(f"\nwrote {json_path}")
+    try:
+        print(f"wrote {save_chart(result, out / 'bench.png')}")
+    except HeteroLLMError as exc:  # matplotlib missing: the table and JSON still stand
+        print(f"chart skipped: {exc}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .api import accelerate
+    from .evaluate import load_model, perplexity, torch_dynamic_int8
+    _set_threads(args.threads)
+    text = Path(args.text).read_text() if args.text else None
+    original, tokenizer = load_model(args.model)
+    models = {"original": original,
+              "hetero_llm": accelerate(load_model(args.model)[0], strict=not args.no_strict, **_options(args))}
+    if args.peer:
+        models["torch-dynamic-int8"] = torch_dynamic_int8(load_model(args.model)[0])
+    results = {name: perplexity(m, tokenizer, text, max_tokens=args.max_tokens or None, window=args.window,
+                                progress=not args.quiet) for name, m in models.items()}
+    base = results["original"].perplexity
+    print(f"{'variant':<20} {'perplexity':>10} {'vs original':>12} {'tokens':>7}")
+    for name, r in results.items():
+        print(f"{name:<20} {r.perplexity:>10.4f} {100 * (r.perplexity / base - 1):>+11.2f}% {r.tokens:>7}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({n: vars(r) if hasattr(r, "__dict__") else r._asdict()
+                                               for n, r in results.items()}, indent=2))
+        print(f"wrote {args.json}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hetero-llm", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("inspect", help="show this machine's hardware")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("plan", help="show the plan for a model (a folder, a config.json, or 'smollm2')")
+    p.add_argument("model")
+    p.add_argument("--hardware", default=None, help="a profile such as h100-80gb or cpu-16core (default: this machine)")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--full", action="store_true", help="one row per module instead of grouped layers")
+    _add_options(p)
+    p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("bench", help="decode/prefill speed, memory and perplexity: original vs accelerated vs peer")
+    p.add_argument("model", nargs="?", default="smollm2")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--prompt-len", type=int, default=512)
+    p.add_argument("--ppl-tokens", type=int, default=8192, help="tokens of text for perplexity (0 skips it)")
+    p.add_argument("--no-peer", action="store_true", help="skip torch's quantize_dynamic peer")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out", default=BENCH_OUT, help=f"folder for bench.json and bench.png (default: {BENCH_OUT})")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_options(p)
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("eval", help="perplexity of the original and accelerated model on a text")
+    p.add_argument("model", nargs="?", default="smollm2")
+    p.add_argument("--text", default=None, help="a text file (default: CPython's pydoc_data.topics)")
+    p.add_argument("--max-tokens", type=int, default=8192, help="0 scores the whole text")
+    p.add_argument("--window", type=int, default=512)
+    p.add_argument("--peer", action="store_true", help="also score torch's quantize_dynamic")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--json", default=None, help="write the results to this JSON file")
+    p.add_argument("--quiet", action="store_true")
+    _add_options(p)
+    p.set_defaults(func=cmd_eval)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except HeteroLLMError as exc:
+        print(f"hetero-llm: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
