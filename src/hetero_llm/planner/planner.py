@@ -175,9 +175,14 @@ def make_plan(model: nn.Module, hardware: Hardware, options: Options, *, strict:
         notes.append(f"{len(role_map.missing)} table entries not found in this model "
                      f"(first: {role_map.missing[0]})")
     n_blocks = sum(1 for p in profiles if p.kind == "attention") or 1
+    prediction = _prediction(entries, profiles, tied, n_blocks, roof)
+    capacity = hardware.gpus[0].memory_bytes if device == "cuda" else hardware.cpu.memory_bytes
+    if prediction.weight_mb_after * 2**20 > capacity:
+        notes.append(f"the weights ({prediction.weight_mb_after / 1024:.1f} GiB) exceed {device} memory "
+                     f"({capacity / 2**30:.1f} GiB): this version does not split a model across devices")
     ordered = list(entries.values())
     settings = {"attn_implementation": "sdpa"} if hasattr(model, "set_attn_implementation") else {}
     return Plan(model_type=model_type_of(model), family=spec.family if spec else None, device=device,
                 hardware=hardware.to_dict(), options=options.to_dict(), entries=tuple(ordered),
                 fusions=tuple(fusions), model_settings=settings,
-                prediction=_prediction(entries, profiles, tied, n_blocks, roof), notes=tuple(notes))
+                prediction=prediction, notes=tuple(notes))
