@@ -4,15 +4,17 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
+import torch
 from torch import nn
 
 from .config import Options
-from .errors import (AlreadyAcceleratedError, ForeignQuantizationError, HeteroLLMWarning,
+from .errors import (AlreadyAcceleratedError, ForeignQuantizationError, HardwareError, HeteroLLMWarning,
                      InvalidOptionError, MetaDeviceError, NotAModelError, PlanMismatchError)
 from .hardware import Hardware, hardware_profile, inspect_hardware
 from .kernels.apply import kernels_pass
 from .parallel.placement import place_pass
 from .planner import Plan, make_plan
+from .planner.profile import profile_model
 from .quant.apply import check_quantizable, quantize_pass
 
 # Passes in the order of the data flow: prune -> quantize -> shard -> place -> kernels.
@@ -66,14 +68,28 @@ def plan(model: nn.Module, *, hardware: Hardware | str | None = None, strict: bo
 
 
 def _check_plan_matches(model: nn.Module, p: Plan) -> None:
+    """Names, types and sizes must match, and fused groups must be computable together."""
     names = dict(model.named_modules())
+    sizes = {m.name: m.params for m in profile_model(model)}
     for e in p.entries:
         module = names.get(e.name)
-        if module is None or type(module).__name__ != e.module_type:
-            found = "missing" if module is None else type(module).__name__
+        found = "missing" if module is None else type(module).__name__
+        if module is None or found != e.module_type or sizes.get(e.name, 0) != e.params:
+            detail = found if found != e.module_type else f"{found} with {sizes.get(e.name, 0)} parameters"
             raise PlanMismatchError(
-                f"the plan does not describe this model: {e.name} is {found}, the plan expects "
-                f"{e.module_type}. Make the plan from this model: hetero_llm.plan(model).")
+                f"the plan does not describe this model: {e.name} is {detail}, the plan expects "
+                f"{e.module_type} with {e.params} parameters. Make the plan from this model: "
+                "hetero_llm.plan(model).")
+    entries = {e.name: e for e in p.entries}
+    for f in p.fusions:
+        kinds = {(entries[m].action, entries[m].quant) for m in f.members if m in entries}
+        if len(kinds) != 1 or any(m not in entries for m in f.members):
+            raise PlanMismatchError(
+                f"fused group {f.name} mixes members planned differently ({sorted(map(str, kinds))}); "
+                "remove the group from plan.fusions or plan its members alike.")
+    if p.device == "cuda" and not torch.cuda.is_available():
+        raise HardwareError("the plan puts the model on a CUDA GPU but this machine has none; "
+                            "re-plan here with hetero_llm.plan(model) or use device='cpu'.")
 
 
 def _already_accelerated(model: nn.Module, requested: Plan | None, options: dict) -> nn.Module:
@@ -123,6 +139,7 @@ def accelerate(model: nn.Module, *, plan: Plan | None = None, hardware: Hardware
     replaced = []
     for _, apply_pass in PASSES:
         replaced.extend(apply_pass(model, chosen) or [])
+    model.eval()  # modules the passes created start in training mode
     model.hetero_plan = chosen
     model.hetero_replaced = replaced
     return model

@@ -32,6 +32,12 @@ def _choice(option: str, value: Any, allowed: tuple[str, ...], later: tuple[str,
     raise InvalidOptionError(f"unknown {option}={value!r}; choose one of {allowed}.{did_you_mean}")
 
 
+def _bool(option: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise InvalidOptionError(f"{option} must be True or False; got {value!r}")
+    return value
+
+
 def _positive_int(option: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise InvalidOptionError(f"{option} must be a positive integer; got {value!r}")
@@ -50,6 +56,10 @@ class _Config:
         unknown = set(data) - known
         if unknown:
             raise InvalidOptionError(f"{cls.__name__} has no fields {sorted(unknown)}; known: {sorted(known)}")
+        if data.get("version", CONFIG_VERSION) != CONFIG_VERSION:
+            raise InvalidOptionError(
+                f"{cls.__name__} version {data.get('version')!r} is not supported (this hetero_llm reads "
+                f"version {CONFIG_VERSION}); re-create the config with this version.")
         return cls(**data)
 
 
@@ -73,8 +83,7 @@ class QuantConfig(_Config):
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "scheme", _choice("quantize", self.scheme, self.SCHEMES, self.LATER))
-        if not isinstance(self.lm_head, bool):
-            raise InvalidOptionError(f"QuantConfig.lm_head must be True or False; got {self.lm_head!r}")
+        _bool("QuantConfig.lm_head", self.lm_head)
 
 
 @dataclass(frozen=True)
@@ -110,6 +119,8 @@ class KernelConfig(_Config):
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "backend", _choice("kernels", self.backend, self.BACKENDS, self.LATER))
+        _bool("KernelConfig.fuse_projections", self.fuse_projections)
+        _bool("KernelConfig.fuse_norms", self.fuse_norms)
 
 
 @dataclass(frozen=True)
@@ -167,7 +178,8 @@ class Options(_Config):
             else:
                 raise InvalidOptionError(
                     f"{name} must be a string or a {config_cls.__name__}; got {type(value).__name__}")
-        built["placement"] = PlacementConfig(device=options.get("device") or "auto",
+        device = options.get("device")
+        built["placement"] = PlacementConfig(device="auto" if device is None else device,
                                              tp=options.get("tp", 1), pp=options.get("pp", 1))
         return cls(**built)
 

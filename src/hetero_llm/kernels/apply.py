@@ -21,7 +21,9 @@ def _cat_bias(members: list[nn.Module]) -> torch.Tensor | None:
 
 
 def m_dev(m: nn.Module) -> torch.device:
-    return next(iter(m.buffers()), next(iter(m.parameters()))).device
+    for t in m.buffers():
+        return t.device
+    return next(m.parameters()).device
 
 
 def fuse_linears(members: list[nn.Module]) -> nn.Module:

@@ -15,6 +15,15 @@ from torch import nn
 from .rms_norm import rms_norm
 
 
+def _version(x: torch.Tensor) -> int:
+    """In-place writes bump a tensor's version; inference tensors have none (and
+    cannot be written in place outside inference mode)."""
+    try:
+        return x._version
+    except RuntimeError:
+        return -1
+
+
 class FusedProjection(nn.Module):
     """One linear whose output is the concatenation of several projections."""
 
@@ -31,8 +40,9 @@ class FusedProjection(nn.Module):
     def part(self, x: torch.Tensor, index: int) -> torch.Tensor:
         slot = self._slot
         last = slot[0]  # one read: another thread may replace it meanwhile
-        if last is None or last[0] is not x:
-            last = (x, self.linear(x).split(self.sizes, dim=-1), [len(self.sizes)])
+        version = _version(x)
+        if last is None or last[0] is not x or last[3] != version:
+            last = (x, self.linear(x).split(self.sizes, dim=-1), [len(self.sizes)], version)
             slot[0] = last
         last[2][0] -= 1
         if last[2][0] <= 0 and slot[0] is last:

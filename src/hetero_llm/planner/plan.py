@@ -94,10 +94,23 @@ class Plan:
         return [e for e in self.entries if e.action == action]
 
     def with_entry(self, name: str, **changes: Any) -> "Plan":
-        """A copy with one entry edited (pinning a decision by hand)."""
+        """A copy with one entry edited (pinning a decision by hand).
+
+        A fused group that involves the edited module is dropped (its other
+        members run unfused), since its members may no longer match.
+        """
         self.entry(name)
-        new = tuple(replace(e, **changes) if e.name == name else e for e in self.entries)
-        return replace(self, entries=new)
+        broken = [f for f in self.fusions if name == f.name or name in f.members]
+        unfuse = {m for f in broken for m in f.members} | {f.name for f in broken}
+
+        def edit(e: PlanEntry) -> PlanEntry:
+            if e.name == name:
+                return replace(e, **changes)
+            if e.name in unfuse:
+                return replace(e, kernel=e.kernel.split("+", 1)[0] if "+fused:" in e.kernel else e.kernel)
+            return e
+        return replace(self, entries=tuple(edit(e) for e in self.entries),
+                       fusions=tuple(f for f in self.fusions if f not in broken))
 
     # -- serialization -------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -110,6 +123,8 @@ class Plan:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Plan":
+        if not isinstance(d, dict):
+            raise PlanMismatchError(f"not a valid hetero_llm plan: expected a JSON object, got {type(d).__name__}")
         version = d.get("version")
         if version != PLAN_VERSION:
             raise PlanMismatchError(

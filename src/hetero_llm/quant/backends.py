@@ -65,7 +65,7 @@ class CpuInt8Pack:
         return device.type == "cpu" and in_features % 16 == 0 and int8pack_available()
 
     def matmul(self, x2d: torch.Tensor, layer) -> torch.Tensor:
-        xb = x2d.to(torch.bfloat16)
+        xb = x2d.to(torch.bfloat16).contiguous()  # the kernel needs a unit-stride last dim
         if x2d.shape[0] <= GEMV_MAX_ROWS:
             # Scales are bf16-representable (see primitives), so the kernel's
             # bf16 scale is exact. This path is overhead-bound: keep it short.
@@ -75,7 +75,8 @@ class CpuInt8Pack:
             y = F.linear(xb, layer.qweight.to(torch.bfloat16)) * layer.scale
         if layer.zero_point is not None:
             # sum_k x_k (q_nk - z_n) s_n = (x q^T)_n s_n - (sum_k x_k) z_n s_n
-            y = y.float() - x2d.float().sum(dim=1, keepdim=True) * layer.zero_scale
+            # Sum the same bf16 activations the kernel saw, so the two terms cancel.
+            y = y.float() - xb.float().sum(dim=1, keepdim=True) * layer.zero_scale
         return y
 
 

@@ -65,6 +65,8 @@ class Int8Linear(nn.Module):
         out_f, in_f = weight.shape
         bias = getattr(module, "bias", None)
         chosen = pick_backend(in_f, weight.device, backend)
+        if not BACKENDS[chosen].supports(in_f, weight.device):
+            chosen = "torch-dequant"  # e.g. a plan made for another shape: never run a kernel out of spec
         layer = cls(in_f, out_f, bias=bias is not None, asymmetric=asym, backend=chosen, device=weight.device)
         layer.load_quantized(qw, None if bias is None else bias.detach().float())
         return layer
@@ -83,8 +85,13 @@ class Int8Linear(nn.Module):
         return dequantize(self.quantized_weight(), dtype)
 
     def _apply(self, fn, recurse=True):
-        # .to(device) moves the buffers; the derived ones follow.
+        # .to(device) moves the buffers; the derived ones follow. A dtype cast
+        # (model.half()) would round the fp32 scales and biases: keep the fp32
+        # values and only move them.
+        scale, bias = self.scale, self.bias
         result = super()._apply(fn, recurse)
+        self.scale = scale.to(self.scale.device)
+        self.bias = None if bias is None else bias.to(self.bias.device)
         self._refresh()
         return result
 

@@ -34,17 +34,27 @@ def check_finite(weight: torch.Tensor, name: str) -> None:
             "checkpoint, or leave this module in floating point with quantize='none'.")
 
 
+def _bf16_at_least(x: torch.Tensor) -> torch.Tensor:
+    """The smallest bf16-representable value >= x (x positive, fp32), returned in fp32."""
+    down = x.to(torch.bfloat16)
+    # For positive floats the next representable value up is the next bit pattern.
+    up = (down.view(torch.int16) + 1).view(torch.bfloat16)
+    return torch.where(down.float() < x, up, down).float()
+
+
 def _safe_scale(span: torch.Tensor, levels: float) -> torch.Tensor:
-    # An all-zero row has span 0: any scale reproduces it exactly, so use 1.0
-    # rather than a tiny number whose reciprocal would overflow.
-    scale = span / levels
+    """Scale = span / levels, in fp32, rounded up to a bf16-representable value.
+
+    Computed in fp64 so rows spanning fp32's whole range do not overflow. An
+    all-zero row has span 0: any scale reproduces it exactly, so it gets 1.0
+    rather than a tiny number whose reciprocal would overflow. Rounding up to
+    bf16 lets bf16 kernels apply the scale exactly; rounding up (not to
+    nearest) keeps the row's extremes inside the integer range.
+    """
+    scale = (span.double() / levels).clamp(max=torch.finfo(torch.float32).max).float()
     scale = torch.where(span > 0, scale, torch.ones_like(scale))
-    # Scales are rounded to bf16-representable values (kept in fp32), so bf16
-    # kernels apply them exactly; the weight is quantized against the rounded
-    # scale, so this costs no accuracy (a largest value landing at 127.5 is
-    # clamped, an error no larger than ordinary rounding). A span so small that
-    # bf16 rounds it to 0 is not possible: bf16 has fp32's exponent range.
-    return scale.to(torch.bfloat16).to(torch.float32)
+    tiny = torch.finfo(torch.bfloat16).tiny
+    return _bf16_at_least(scale.clamp(min=tiny))
 
 
 def quantize_symmetric(weight: torch.Tensor, name: str = "weight") -> QuantizedWeight:
@@ -63,8 +73,11 @@ def quantize_asymmetric(weight: torch.Tensor, name: str = "weight") -> Quantized
     # The range must contain 0 so that zero stays exactly representable.
     lo = w.amin(dim=1).clamp(max=0.0)
     hi = w.amax(dim=1).clamp(min=0.0)
-    scale = _safe_scale(hi - lo, float(QMAX_ASYM - QMIN_ASYM))
+    span = hi.double() - lo.double()
+    scale = _safe_scale(span, float(QMAX_ASYM - QMIN_ASYM))
     zero_point = (QMIN_ASYM - torch.round(lo / scale)).clamp_(QMIN_ASYM, QMAX_ASYM).to(torch.int32)
+    # An all-zero row: zero point 0 keeps q = 0, so no kernel has to cancel terms.
+    zero_point = torch.where(span > 0, zero_point, torch.zeros_like(zero_point))
     q = (torch.round(w / scale[:, None]) + zero_point[:, None]).clamp_(QMIN_ASYM, QMAX_ASYM)
     return QuantizedWeight(q.to(torch.int8).contiguous(), scale.contiguous(), zero_point.contiguous())
 
