@@ -94,7 +94,7 @@ def _check_plan_matches(model: nn.Module, p: Plan) -> None:
 
 def _already_accelerated(model: nn.Module, requested: Plan | None, options: dict) -> nn.Module:
     current: Plan = model.hetero_plan
-    same = (requested is None and (not options or Options.from_kwargs(**options).to_dict() == current.options)) \
+    same = (requested is None and Options.from_kwargs(**options).to_dict() == current.options) \
         or (requested is not None and requested == current)
     if same:
         return model  # a repeated call with the same request is a no-op

@@ -21,7 +21,9 @@ from hetero_llm.quant import Int8Linear
 
 # Tolerances, in one place.
 # quantize="none": only fusions, which do the same fp32 math in fewer ops.
-FUSED_TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4)}
+FUSED_TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4),
+             torch.bfloat16: dict(atol=3e-2, rtol=2e-2),
+             torch.float16: dict(atol=5e-3, rtol=5e-3)}
 # INT8 weights with bf16 activations: logits agree in direction and to a few % of their scale.
 INT8_MIN_COSINE = 0.99
 INT8_MAX_REL_ERR = 5e-2  # max |logit difference| / max |logit|
@@ -106,6 +108,16 @@ def test_fusions_only_match_original_logits(family):
     torch.testing.assert_close(logits(acc, ids), logits(ref, ids), **FUSED_TOL[torch.float32])
 
 
+@pytest.mark.parametrize("family", ["opt", "llama"])
+def test_fusions_only_under_inference_mode(family):
+    ref = tiny_model(family)
+    acc = accelerated_copy(ref, quantize="none")
+    ids = torch.cat([prompt(12, 1), prompt(12, 2)])
+    with torch.inference_mode():
+        got = acc(ids).logits
+    torch.testing.assert_close(got, logits(ref, ids), **FUSED_TOL[torch.float32])
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_fusions_only_chunked_prefill_with_cache_matches_full_forward(family):
     # Second chunk: several new tokens against a non-empty cache (query length != key length).
@@ -174,6 +186,30 @@ def test_llama_static_cache_generation(quantize):
     assert torch.equal(static, greedy(acc, ids))
     if quantize == "none":
         assert torch.equal(static, greedy(ref, ids, cache_implementation="static"))
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma", "gpt2", "opt"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_models(family, dtype):
+    ref = tiny_model(family).to(dtype)
+    ids = torch.cat([prompt(12, 1), prompt(12, 2)])
+    want = logits(ref, ids)
+    fused = accelerated_copy(ref, quantize="none")
+    torch.testing.assert_close(logits(fused, ids), want, **FUSED_TOL[dtype])
+    int8 = accelerated_copy(ref)
+    assert all(m.scale.dtype == torch.float32 for m in int8.modules() if isinstance(m, Int8Linear))
+    assert_int8_close(logits(int8, ids), want)
+    assert greedy(int8, ids[:1]).shape == (1, 12 + NEW_TOKENS)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma", "phi3", "opt"])
+def test_cast_to_bf16_after_accelerating(family):
+    ref = tiny_model(family)
+    model = accelerated_copy(ref).to(torch.bfloat16)
+    ref = ref.to(torch.bfloat16)
+    ids = torch.cat([prompt(12, 1), prompt(12, 2)])
+    assert_int8_close(logits(model, ids), logits(ref, ids))
+    assert greedy(model, ids[:1]).shape == (1, 12 + NEW_TOKENS)
 
 
 # -- which modules were swapped ---------------------------------------------------------------

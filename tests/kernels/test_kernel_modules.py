@@ -147,6 +147,28 @@ def test_input_modified_in_place_between_slices():
     torch.testing.assert_close(slices[1](x), linears[1](x), **TOL[torch.float32])
 
 
+@pytest.mark.xfail(reason="BUG (edge case): under torch.inference_mode, inference tensors have no _version, "
+                          "so FusedProjection.part falls back to identity matching and an input modified in "
+                          "place between slice calls still gets stale outputs", strict=True)
+def test_input_modified_in_place_between_slices_in_inference_mode():
+    linears = separate_linears()
+    _, slices = fused_slices(linears)
+    with torch.inference_mode():
+        x = randn(2, 32, seed=14)
+        slices[0](x)
+        x.mul_(2)
+        torch.testing.assert_close(slices[1](x), linears[1](x), **TOL[torch.float32])
+
+
+def test_slices_in_inference_mode():
+    linears = separate_linears()
+    _, slices = fused_slices(linears)
+    with torch.inference_mode():
+        x, y = randn(2, 32, seed=15), randn(2, 32, seed=16)
+        for i, inp in [(0, x), (1, x), (2, y), (1, y), (0, x), (2, x)]:
+            torch.testing.assert_close(slices[i](inp), linears[i](inp), **TOL[torch.float32])
+
+
 @torch.no_grad()
 def test_fused_forward_and_registration():
     linears = separate_linears(bias=False)

@@ -37,6 +37,7 @@ def cpu_plan() -> Plan:
 
 PLANS = {
     "llama-cpu": lambda: hetero_llm.plan(meta_model(), hardware="cpu-2core"),
+    "this-machine": lambda: hetero_llm.plan(meta_model()),  # inspected hardware (tuples, None fields)
     "llama-h100": lambda: hetero_llm.plan(meta_model(), hardware="h100-80gb"),
     "llama-none": lambda: hetero_llm.plan(meta_model(), hardware="cpu-2core", quantize="none"),
     "llama-asym-odd": lambda: hetero_llm.plan(meta_model(hidden_size=40), hardware="cpu-2core",

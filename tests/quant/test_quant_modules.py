@@ -17,6 +17,8 @@ REL_TOL = {
     ("cpu-int8pack", torch.float32): 1e-2,
     ("torch-dequant", torch.bfloat16): 1.5e-2,
     ("cpu-int8pack", torch.bfloat16): 1.5e-2,
+    ("torch-dequant", torch.float16): 5e-3,
+    ("cpu-int8pack", torch.float16): 1e-2,
 }
 ROWS = (1, 3, GEMV_MAX_ROWS, GEMV_MAX_ROWS + 1, 64)  # both sides of the GEMV/GEMM switch
 OUT_FEATURES = 48
@@ -56,7 +58,7 @@ def cases():
 @pytest.mark.parametrize("backend, in_f", list(cases()))
 @pytest.mark.parametrize("scheme", ["int8", "int8-asym"])
 @pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_matches_fp64_reference(backend, in_f, scheme, bias, dtype):
     if backend == "cpu-int8pack" and not int8pack_available():
         pytest.skip("no usable int8pack kernel in this torch")
@@ -199,6 +201,37 @@ def test_transposed_input():
     layer = Int8Linear.from_linear(make_linear(64), backend="cpu-int8pack")
     x = torch.randn(64, 5).t()  # (5, 64), stride (1, 5)
     assert rel_err(layer(x), reference(layer, x)) < REL_TOL[("cpu-int8pack", torch.float32)]
+
+
+
+
+def fp16_cases():
+    yield pytest.param("torch-dequant")
+    yield pytest.param("cpu-int8pack", marks=needs_int8pack)
+
+
+@pytest.mark.parametrize("backend", list(fp16_cases()))
+def test_fp16_activations_with_large_outputs_stay_finite(backend):
+    # Realistic LLM magnitudes: weights ~N(0, 0.02), outputs of ~50 (fp16 handles this fine).
+    lin = nn.Linear(1024, 64, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(64, 1024, generator=torch.Generator().manual_seed(30)) * 0.02)
+    layer = Int8Linear.from_linear(lin, backend=backend)
+    x = (torch.randn(2, 1024, generator=torch.Generator().manual_seed(31)) * 30).half()
+    assert torch.isfinite(torch.nn.functional.linear(x, lin.weight.half())).all()  # fp16 itself copes
+    y = layer(x)
+    assert torch.isfinite(y).all()
+    assert rel_err(y, reference(layer, x)) < REL_TOL[(backend, torch.float16)]
+
+
+@pytest.mark.parametrize("backend", list(fp16_cases()))
+def test_fp16_activations_with_small_scales(backend):
+    lin = make_linear(64, bias=False)
+    with torch.no_grad():
+        lin.weight.mul_(1e-4)  # scales ~2e-6: fp16 subnormals
+    layer = Int8Linear.from_linear(lin, backend=backend)
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(32)).half()
+    assert rel_err(layer(x), reference(layer, x)) < REL_TOL[(backend, torch.float16)]
 
 
 @pytest.mark.parametrize("make_x", [lambda: torch.randn(5, 128)[:, :64],

@@ -25,10 +25,12 @@ class TorchReference:
         return True
 
     def matmul(self, x2d: torch.Tensor, layer) -> torch.Tensor:
-        w = layer.qweight.to(x2d.dtype)
+        # Dequantize in fp32, then cast: scaling after an fp16 matmul on raw
+        # integers would overflow (outputs ~127x too large before scaling).
+        w = layer.qweight.float()
         if layer.zero_point is not None:
-            w = w - layer.zero_point.to(x2d.dtype)[:, None]
-        return F.linear(x2d, w) * layer.scale.to(x2d.dtype)
+            w = w - layer.zero_point.float()[:, None]
+        return F.linear(x2d, (w * layer.scale[:, None]).to(x2d.dtype))
 
 
 @functools.lru_cache(maxsize=1)
