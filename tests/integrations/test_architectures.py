@@ -28,26 +28,15 @@ FUSED_TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4),
 INT8_MIN_COSINE = 0.99
 INT8_MAX_REL_ERR = 5e-2  # max |logit difference| / max |logit|
 
+from tiny_shapes import TINY_SHAPES
+
 NEW_TOKENS = 8
 VOCAB = 256
 BASE = dict(vocab_size=VOCAB, pad_token_id=0, bos_token_id=1, eos_token_id=2,
             # Larger than the default 0.02 so logits are far from flat and comparisons bite.
             initializer_range=0.1)
-CONFIGS = {
-    "llama": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2),
-    "mistral": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                    num_key_value_heads=2),
-    "qwen2": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2),
-    "gemma": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, head_dim=16),
-    "phi3": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2),
-    "gpt2": dict(n_embd=64, n_inner=128, n_layer=2, n_head=4, n_positions=128),
-    "opt": dict(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
-                max_position_embeddings=128, word_embed_proj_dim=64, init_std=0.1),
-}
+# OPT takes its init scale from init_std, not initializer_range.
+CONFIGS = {**TINY_SHAPES, "opt": dict(TINY_SHAPES["opt"], init_std=0.1)}
 FAMILIES = tuple(CONFIGS)
 LLAMA_LIKE = ("llama", "mistral", "qwen2", "gemma")
 

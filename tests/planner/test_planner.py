@@ -10,25 +10,12 @@ from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
 import hetero_llm
 from hetero_llm import HardwareError, KernelConfig, Options, QuantConfig, hardware_profile
 from hetero_llm.quant.backends import int8pack_available
+from tiny_shapes import TINY_SHAPES
 
 PLAN_SECONDS_LIMIT = 5.0  # a 70B-shaped model, planned on meta
 
 BASE = dict(vocab_size=256, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-SHAPES = {
-    "llama": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2),
-    "mistral": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                    num_key_value_heads=2),
-    "qwen2": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2),
-    "gemma": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, head_dim=16),
-    "phi3": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2),
-    "gpt2": dict(n_embd=64, n_inner=128, n_layer=2, n_head=4, n_positions=128),
-    "opt": dict(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
-                max_position_embeddings=128, word_embed_proj_dim=64),
-}
+SHAPES = TINY_SHAPES
 LINEARS_PER_BLOCK = {"llama": 7, "mistral": 7, "qwen2": 7, "gemma": 7, "phi3": 4, "gpt2": 4, "opt": 6}
 CPU_INT8PACK = "cpu-int8pack" if int8pack_available() else "torch-dequant"
 
