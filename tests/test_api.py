@@ -253,7 +253,7 @@ def test_calibration_data_is_not_available_yet():
 
 
 @pytest.mark.parametrize("options, hint", [
-    (dict(quantize="w8a8"), "not available"),
+    (dict(quantize="w8a8", outlier_channels=4), "known options"),
     (dict(quantize="int4"), "not available"),
     (dict(kernels="triton"), "not available"),
     (dict(prune="2:4"), "not available"),

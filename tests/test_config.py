@@ -74,7 +74,9 @@ def test_options_dict_round_trip():
                             kernels=KernelConfig(fuse_norms=False), device="cpu")
     d = o.to_dict()
     assert set(d) == {"quantize", "prune", "kernels", "placement"}
-    assert d["quantize"] == {"scheme": "int8-asym", "lm_head": False, "version": CONFIG_VERSION}
+    assert d["quantize"] == {"scheme": "int8-asym", "granularity": "channel", "group_size": 128,
+                             "smooth_alpha": 0.5, "outlier_channels": 0, "lm_head": False, "embeddings": True,
+                             "version": CONFIG_VERSION}
     assert Options.from_dict(json.loads(json.dumps(d))) == o
 
 
@@ -92,7 +94,14 @@ def test_from_dict_validates_values():
 
 @pytest.mark.parametrize("make, hint", [
     (lambda: QuantConfig(scheme="int9"), "Did you mean 'int8'"),
-    (lambda: QuantConfig(scheme="w8a8"), "not available"),
+    (lambda: QuantConfig(scheme="int4"), "not available"),
+    (lambda: QuantConfig(granularity="row"), "granularity"),
+    (lambda: QuantConfig(group_size=0), "positive integer"),
+    (lambda: QuantConfig(smooth_alpha=1.5), r"\[0.0, 1.0\]"),
+    (lambda: QuantConfig(smooth_alpha="0.5"), "number"),
+    (lambda: QuantConfig(outlier_channels=-1), ">= 0"),
+    (lambda: QuantConfig(embeddings="yes"), "True or False"),
+    (lambda: QuantConfig(scheme="w8a8", granularity="group"), "per-channel"),
     (lambda: QuantConfig(scheme="fp8"), "not available"),
     (lambda: QuantConfig(scheme=""), "choose one of"),
     (lambda: QuantConfig(scheme=8), "must be a string"),

@@ -8,6 +8,7 @@ import hetero_llm
 from hetero_llm.evaluate import load_model, perplexity
 from hetero_llm.kernels.modules import GatedMLP, RotaryAttention
 from hetero_llm.quant import Int8Linear
+from hetero_llm.quant.embedding import TiedInt8Linear
 
 PPL_TOKENS = 2048
 MAX_PPL_INCREASE = 0.01  # the target: at most +1% over fp32
@@ -30,9 +31,12 @@ def test_default_cpu_plan_is_int8_with_fused_modules(accelerated):
     plan = accelerated.hetero_plan
     assert plan.device == "cpu" and plan.family == "llama"
     assert {e.quant for e in plan.by_action("quantize")} == {"int8"}
+    assert plan.entry("model.embed_tokens").action == "quantize"
     layer = accelerated.model.layers[0]
     assert isinstance(layer.self_attn, RotaryAttention) and isinstance(layer.mlp, GatedMLP)
-    assert isinstance(accelerated.lm_head, Int8Linear)
+    # SmolLM2 ties lm_head to the embedding: both read one INT8 table
+    assert isinstance(accelerated.lm_head, TiedInt8Linear)
+    assert accelerated.lm_head.qweight is accelerated.model.embed_tokens.qweight
     assert accelerated.lm_head.qweight.dtype == torch.int8
     # real integer weights: no floating-point copy of any quantized linear is left
     float_linears = [n for n, m in accelerated.named_modules() if isinstance(m, torch.nn.Linear)]

@@ -15,11 +15,13 @@ from .kernels.apply import kernels_pass
 from .parallel.placement import place_pass
 from .planner import Plan, make_plan
 from .planner.profile import profile_model
-from .quant.apply import check_quantizable, quantize_pass
+from .quant.apply import calibrated_modules, check_quantizable, quantize_pass
+from .quant.calibrate import activation_absmax
 
 # Passes in the order of the data flow: prune -> quantize -> shard -> place -> kernels.
 # Pruning and sharding join this list when they land.
-PASSES = (("quantize", quantize_pass), ("place", place_pass), ("kernels", kernels_pass))
+# quantize_pass runs first, with the calibration statistics it may need.
+PASSES = (("place", place_pass), ("kernels", kernels_pass))
 
 
 def _check_model(model: Any) -> None:
@@ -92,6 +94,23 @@ def _check_plan_matches(model: nn.Module, p: Plan) -> None:
                             "re-plan here with hetero_llm.plan(model) or use device='cpu'.")
 
 
+def _calibrate(model: nn.Module, p: Plan, calibration_data: Any) -> dict | None:
+    """Activation statistics for W8A8 smoothing/outliers; refuse data nothing would use."""
+    names = calibrated_modules(p)
+    if not names:
+        if calibration_data is not None:
+            raise InvalidOptionError(
+                "calibration_data is only used by quantize='w8a8' with smooth_alpha > 0 or outlier_channels > 0; "
+                "this plan needs no calibration. Drop calibration_data (or ask for w8a8).")
+        return None
+    if calibration_data is None:
+        raise InvalidOptionError(
+            "quantize='w8a8' with SmoothQuant smoothing (or outlier channels) needs calibration_data: a few "
+            "tokenized text samples, e.g. [tokenizer(t, return_tensors='pt') for t in texts]. Or turn "
+            "calibration off with QuantConfig(scheme='w8a8', smooth_alpha=0).")
+    return activation_absmax(model, names, calibration_data)
+
+
 def _already_accelerated(model: nn.Module, requested: Plan | None, options: dict) -> nn.Module:
     current: Plan = model.hetero_plan
     same = (requested is None and Options.from_kwargs(**options).to_dict() == current.options) \
@@ -126,9 +145,6 @@ def accelerate(model: nn.Module, *, plan: Plan | None = None, hardware: Hardware
     _check_model(model)
     if hasattr(model, "hetero_plan"):
         return _already_accelerated(model, plan, options)
-    if calibration_data is not None:
-        raise InvalidOptionError("calibration_data is used by quantize='w8a8', which is not available in this "
-                                 "version; weight-only INT8 needs no calibration. Drop calibration_data.")
     if plan is not None and options:
         raise InvalidOptionError("pass either plan= or options, not both: a plan already holds its options.")
     _prepare(model)
@@ -136,7 +152,8 @@ def accelerate(model: nn.Module, *, plan: Plan | None = None, hardware: Hardware
                                                      Options.from_kwargs(**options), strict=strict)
     _check_plan_matches(model, chosen)
     check_quantizable(model, chosen)  # fail before the first change, not halfway
-    replaced = []
+    act_absmax = _calibrate(model, chosen, calibration_data)
+    replaced = list(quantize_pass(model, chosen, act_absmax))
     for _, apply_pass in PASSES:
         replaced.extend(apply_pass(model, chosen) or [])
     model.eval()  # modules the passes created start in training mode

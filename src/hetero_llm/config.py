@@ -63,27 +63,63 @@ class _Config:
         return cls(**data)
 
 
+def _number(option: str, value: Any, lo: float, hi: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= value <= hi:
+        raise InvalidOptionError(f"{option} must be a number in [{lo}, {hi}]; got {value!r}")
+    return float(value)
+
+
 @dataclass(frozen=True)
 class QuantConfig(_Config):
-    """How linear weights are quantized.
+    """How weights (and, for W8A8, activations) are quantized.
 
     scheme: "auto" (the planner picks per device: weight-only INT8 on CPU),
-    "int8" (symmetric, per output channel, weight-only), "int8-asym" (with a
-    zero point per output channel, weight-only), or "none".
-    lm_head: also quantize the output projection (the largest single matmul of
-    small models; a tied embedding stays in floating point for its lookups).
+    "int8" (symmetric weight-only, W8A16), "int8-asym" (with a zero point),
+    "w8a8" (symmetric per-channel weights and INT8 activations quantized per
+    token at run time), or "none".
+    granularity: weight scales "channel" (one per output row), "group" (one per
+    `group_size` inputs of a row) or "tensor". Weight-only schemes only.
+    smooth_alpha: W8A8 SmoothQuant migration strength in [0, 1]; 0 turns
+    smoothing off. Needs calibration_data when > 0.
+    outlier_channels: W8A8: per linear, this many input channels with the
+    largest calibrated activations stay in floating point. Needs calibration_data.
+    lm_head: quantize the output projection (always weight-only: logits are the
+    most sensitive output). embeddings: store the token embedding as INT8 rows
+    (a tied lm_head then shares those INT8 weights).
     """
 
     scheme: str = "auto"
+    granularity: str = "channel"
+    group_size: int = 128
+    smooth_alpha: float = 0.5
+    outlier_channels: int = 0
     lm_head: bool = True
+    embeddings: bool = True
     version: int = CONFIG_VERSION
 
-    SCHEMES = ("auto", "int8", "int8-asym", "none")
-    LATER = ("w8a8", "int4", "fp8")
+    SCHEMES = ("auto", "int8", "int8-asym", "w8a8", "none")
+    GRANULARITIES = ("channel", "group", "tensor")
+    LATER = ("int4", "fp8")
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "scheme", _choice("quantize", self.scheme, self.SCHEMES, self.LATER))
+        object.__setattr__(self, "granularity",
+                           _choice("QuantConfig.granularity", self.granularity, self.GRANULARITIES))
+        _positive_int("QuantConfig.group_size", self.group_size)
+        object.__setattr__(self, "smooth_alpha", _number("QuantConfig.smooth_alpha", self.smooth_alpha, 0.0, 1.0))
+        if isinstance(self.outlier_channels, bool) or not isinstance(self.outlier_channels, int) \
+                or self.outlier_channels < 0:
+            raise InvalidOptionError(f"QuantConfig.outlier_channels must be an integer >= 0; "
+                                     f"got {self.outlier_channels!r}")
         _bool("QuantConfig.lm_head", self.lm_head)
+        _bool("QuantConfig.embeddings", self.embeddings)
+        if self.scheme == "w8a8" and self.granularity != "channel":
+            raise InvalidOptionError("quantize='w8a8' uses per-channel weight scales (the integer matmul "
+                                     "applies one scale per output); drop granularity or use scheme='int8'.")
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.scheme == "w8a8" and (self.smooth_alpha > 0 or self.outlier_channels > 0)
 
 
 @dataclass(frozen=True)

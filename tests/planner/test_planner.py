@@ -44,11 +44,14 @@ def test_meta_plan_equals_real_plan(model_type):
 def test_cpu_default_quantizes_every_linear(model_type):
     p = hetero_llm.plan(build(model_type), hardware="cpu-2core")
     assert p.family == model_type and p.device == "cpu"
-    q = p.by_action("quantize")
+    q = [e for e in p.by_action("quantize") if e.role != "embed"]
     assert len(q) == 2 * LINEARS_PER_BLOCK[model_type] + 1  # + lm_head
     assert all(e.quant == "int8" and base_kernel(e) == CPU_INT8PACK for e in q)
-    assert all("memory-bound" in e.reason for e in q)
+    assert all("memory-bound" in e.reason or "tied to the embedding" in e.reason for e in q)
     assert all(e.decode_us_after < e.decode_us_before for e in q)
+    (embed,) = [e for e in p.entries if e.role == "embed"]
+    plain = embed.module_type == "Embedding" or embed.module_type.endswith("ScaledWordEmbedding")
+    assert (embed.action, embed.quant) == (("quantize", "int8") if plain else ("keep", None))
     assert p.prediction.decode_speedup > 1
     assert p.options == Options.from_kwargs().to_dict()
     assert p.hardware == hardware_profile("cpu-2core").to_dict()
@@ -105,9 +108,14 @@ def test_gpu_auto_keeps_floating_point():
     assert p.prediction.weight_mb_after == pytest.approx(p.prediction.weight_mb_before)
 
 
+def linears_quantized(p) -> list:
+    """Quantized linears (the embedding has its own lookup kernel)."""
+    return [e for e in p.by_action("quantize") if e.role != "embed"]
+
+
 def test_explicit_int8_on_gpu_uses_reference_kernel():
     p = hetero_llm.plan(build("llama"), hardware="h100-80gb", quantize="int8")
-    q = p.by_action("quantize")
+    q = linears_quantized(p)
     assert q and all(base_kernel(e) == "torch-dequant" for e in q)
 
 
@@ -134,7 +142,7 @@ def test_odd_in_features_use_reference_kernel_with_reason():
 @pytest.mark.parametrize("scheme", ["int8", "int8-asym"])
 def test_explicit_scheme_is_recorded(scheme):
     p = hetero_llm.plan(build("llama"), hardware="cpu-2core", quantize=scheme)
-    q = p.by_action("quantize")
+    q = [e for e in linears_quantized(p) if "tied to the embedding" not in e.reason]
     assert q and all(e.quant == scheme and f"quantize={scheme!r}" in e.reason for e in q)
 
 
@@ -155,7 +163,7 @@ def test_lm_head_can_stay_in_floating_point():
 
 def test_kernels_torch_uses_reference_int8_path():
     p = hetero_llm.plan(build("llama"), hardware="cpu-2core", kernels="torch")
-    q = p.by_action("quantize")
+    q = linears_quantized(p)
     assert q and all(base_kernel(e) == "torch-dequant" and "kernels='torch'" in e.reason for e in q)
 
 

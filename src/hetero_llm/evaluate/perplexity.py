@@ -97,3 +97,16 @@ def perplexity(
             scored += chunk.numel() - 1
     nll = total / scored
     return PerplexityResult(perplexity=math.exp(nll), nll=nll, tokens=scored)
+
+
+def calibration_samples(tokenizer, n: int = 16, seq_len: int = 256, text: str | None = None,
+                        skip_tokens: int = 16384) -> list[torch.Tensor]:
+    """`n` token windows of `seq_len` for W8A8 calibration, taken after the first
+    `skip_tokens` tokens so they never overlap the perplexity text (the first 8192)."""
+    if n < 1 or seq_len < 1:
+        raise InvalidOptionError("calibration_samples needs n >= 1 and seq_len >= 1")
+    ids = _token_ids(tokenizer, text if text is not None else default_text(), None)
+    ids = ids[skip_tokens:] if ids.numel() >= skip_tokens + n * seq_len else ids
+    if ids.numel() < n * seq_len:
+        raise InvalidOptionError(f"the text has {ids.numel()} tokens; {n} samples of {seq_len} need more")
+    return [ids[i * seq_len:(i + 1) * seq_len].reshape(1, -1) for i in range(n)]

@@ -9,6 +9,7 @@ from ..integrations.transformers import spec_by_family
 from ..planner.plan import Fusion, Plan
 from ..quant.modules import Int8Linear, linear_weight
 from ..quant.primitives import QuantizedWeight
+from ..quant.w8a8 import W8A8Linear
 from .modules import FusedProjection, GatedMLP, ProjectionSlice, RMSNorm, RotaryAttention
 
 
@@ -26,14 +27,38 @@ def m_dev(m: nn.Module) -> torch.device:
     return next(m.parameters()).device
 
 
+def _fuse_w8a8(members: list[W8A8Linear], bias: torch.Tensor | None) -> W8A8Linear:
+    """Members read one input, so they were calibrated with one smoothing vector and outlier set."""
+    first = members[0]
+    for m in members[1:]:
+        for attr in ("smooth", "outlier_index"):
+            a, b = getattr(first, attr), getattr(m, attr)
+            if (a is None) != (b is None) or (a is not None and not torch.equal(a, b)):
+                raise ValueError(f"cannot fuse W8A8 linears with different {attr}")
+    n_out = 0 if first.outlier_index is None else first.outlier_index.numel()
+    fused = W8A8Linear(first.in_features, sum(m.out_features for m in members), bias=bias is not None,
+                       n_outliers=n_out, smooth=first.smooth is not None, backend=first.backend,
+                       device=first.qweight.device)
+    fused.qweight = torch.cat([m.qweight for m in members])
+    fused.scale = torch.cat([m.scale for m in members])
+    fused.bias = bias
+    fused.smooth, fused.outlier_index = first.smooth, first.outlier_index
+    if n_out:
+        fused.outlier_weight = torch.cat([m.outlier_weight for m in members])
+    return fused
+
+
 def fuse_linears(members: list[nn.Module]) -> nn.Module:
     """One linear computing every member's output, concatenated along the output dim."""
     bias = _cat_bias(members)
+    if all(isinstance(m, W8A8Linear) for m in members):
+        return _fuse_w8a8(members, bias)
     if all(isinstance(m, Int8Linear) for m in members):
         first = members[0]
         zps = [m.zero_point for m in members]
         fused = Int8Linear(first.in_features, sum(m.out_features for m in members), bias=bias is not None,
-                           asymmetric=zps[0] is not None, backend=first.backend, device=first.qweight.device)
+                           asymmetric=zps[0] is not None, backend=first.backend, device=first.qweight.device,
+                           group_size=first.group_size, scheme=first.scheme)
         qw = QuantizedWeight(torch.cat([m.qweight for m in members]), torch.cat([m.scale for m in members]),
                              None if zps[0] is None else torch.cat(zps))
         fused.load_quantized(qw, bias)

@@ -17,7 +17,11 @@ from .profile import ModuleProfile
 # Fraction of the device's memory bandwidth each matmul kernel reaches when it
 # streams weights at batch 1 (measured: fp32 GEMV ~16 GB/s and torch's int8
 # GEMV ~30 GB/s where a plain read reaches ~50 GB/s on 2 cores).
-KERNEL_EFFICIENCY = {"torch": 0.55, "cpu-int8pack": 1.0, "torch-dequant": 0.25}
+# torch._int_mm (W8A8) reads ~33 GB/s at one row; it also quantizes the activations.
+KERNEL_EFFICIENCY = {"torch": 0.55, "cpu-int8pack": 1.0, "torch-dequant": 0.25, "cpu-intmm": 1.1,
+                     "torch-w8a8": 0.05}
+# Extra small ops per call: W8A8 quantizes its input per token and rescales its output.
+KERNEL_EXTRA_US = {"cpu-intmm": 8.0, "torch-w8a8": 30.0}
 # Eager per-call overhead of one module's ops, microseconds.
 CALL_OVERHEAD_US = {"cpu": 10.0, "cuda": 8.0}
 # Small ops of one decoder block outside its matmuls, norms and attention.
@@ -55,7 +59,8 @@ def linear_us(p: ModuleProfile, roof: Roofline, kernel: str, bytes_per_weight: f
     """Predicted time of one linear for one decoded token."""
     nbytes = p.in_features * p.out_features * bytes_per_weight
     eff = KERNEL_EFFICIENCY.get(kernel, 0.5)
-    return roof.stream_us(nbytes, p.decode_flops(), eff) + CALL_OVERHEAD_US[roof.device]
+    return (roof.stream_us(nbytes, p.decode_flops(), eff) + CALL_OVERHEAD_US[roof.device]
+            + KERNEL_EXTRA_US.get(kernel, 0.0))
 
 
 def norm_us(kernel: str, roof: Roofline) -> float:

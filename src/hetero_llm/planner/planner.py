@@ -11,7 +11,9 @@ from ..hardware import Hardware
 from ..integrations.transformers import (ArchitectureSpec, map_roles, model_type_of, require_spec,
                                          spec_for)
 from ..quant.backends import BACKENDS
-from ..quant.modules import SCHEME_LABELS
+from ..quant.schemes import QuantSpec, spec_for_options
+from ..quant.w8a8 import BACKENDS as W8A8_BACKENDS
+
 from . import cost
 from .plan import Fusion, Plan, PlanEntry, Prediction
 from .profile import ModuleProfile, profile_model
@@ -41,18 +43,40 @@ def choose_scheme(options: Options, device: str) -> tuple[str, str]:
     return scheme, f"quantize={scheme!r} was asked for"
 
 
-def _linear_kernel(p: ModuleProfile, device: str, options: Options) -> tuple[str, str]:
+def _linear_kernel(p: ModuleProfile, device: str, options: Options, spec: QuantSpec) -> tuple[str, str]:
     """(kernel, note) for a quantized linear."""
     import torch  # local: keeps planning importable without touching devices
+    dev = torch.device(device)
+    if spec.activations:
+        if options.kernels.backend != "torch" and W8A8_BACKENDS["cpu-intmm"].supports(p.in_features, dev):
+            return "cpu-intmm", ""
+        return "torch-w8a8", "reference W8A8 path (quantize per token, exact integer matmul in fp64)"
     if options.kernels.backend == "torch":
         return "torch-dequant", "kernels='torch': reference INT8 path"
-    if BACKENDS["cpu-int8pack"].supports(p.in_features, torch.device(device)):
+    group = spec.group_size if spec.granularity == "group" else None
+    if BACKENDS["cpu-int8pack"].supports(p.in_features, dev, group):
         return "cpu-int8pack", ""
+    if device == "cpu" and group is not None:
+        return "torch-dequant", "no CPU INT8 kernel takes per-group scales: reference path (slower)"
     if device == "cpu" and p.in_features % 16:
         return "torch-dequant", f"in_features={p.in_features} is not a multiple of 16: reference INT8 path"
     if device == "cpu":
         return "torch-dequant", "this torch build has no usable int8 GEMV kernel: reference INT8 path"
     return "torch-dequant", "GPU runs the reference INT8 path (dequantize, then matmul)"
+
+
+def _linear_spec(p: ModuleProfile, options: Options, scheme: str, tied_lm_head: bool) -> tuple[QuantSpec, str]:
+    """The quantization of one linear under the options, and why it differs if it does."""
+    q = options.quantize
+    spec = spec_for_options(scheme, q.granularity, q.group_size)
+    if p.role == "lm_head" and tied_lm_head and q.embeddings:
+        return QuantSpec(), "tied to the embedding: shares its INT8 rows (symmetric, per row)"
+    if p.role == "lm_head" and spec.activations:
+        return QuantSpec(), "weight-only for the output projection: logits are the most sensitive output"
+    if spec.granularity == "group" and p.in_features % spec.group_size:
+        return QuantSpec(asymmetric=spec.asymmetric), \
+            f"in_features={p.in_features} is not a multiple of group_size={spec.group_size}: per channel"
+    return spec, ""
 
 
 def _plan_linear(p: ModuleProfile, device: str, options: Options, scheme: str, why: str,
@@ -66,21 +90,38 @@ def _plan_linear(p: ModuleProfile, device: str, options: Options, scheme: str, w
         return replace(base, reason="QuantConfig(lm_head=False): output projection kept in floating point")
     if p.dtype == "int8":
         return replace(base, reason="already INT8")
-    kernel, note = _linear_kernel(p, device, options)
+    spec, spec_note = _linear_spec(p, options, scheme, tied_lm_head)
+    kernel, note = _linear_kernel(p, device, options, spec)
     after = cost.linear_us(p, roof, kernel, 1.0)
-    reason = why
-    if p.role == "lm_head" and tied_lm_head:
+    reason = "; ".join(r for r in (why if not spec_note else spec.describe(), spec_note, note) if r)
+    if p.role == "lm_head" and tied_lm_head and not options.quantize.embeddings:
         reason += "; tied to the embedding, which keeps its floating-point copy for lookups"
-    if note:
-        reason += f"; {note}"
-    return replace(base, action="quantize", kernel=kernel, quant=scheme, reason=reason, decode_us_after=after)
+    return replace(base, action="quantize", kernel=kernel, quant=str(spec), reason=reason, decode_us_after=after)
+
+
+def _plan_embedding(p: ModuleProfile, base: PlanEntry, options: Options, scheme: str,
+                    module_type_ok: bool) -> PlanEntry:
+    keep = "a lookup reads one row per token: quantizing it saves memory, not time"
+    if p.role != "embed" or scheme == "none":
+        return replace(base, reason=keep)
+    if not options.quantize.embeddings:
+        return replace(base, reason="QuantConfig(embeddings=False): kept in floating point")
+    if not module_type_ok:
+        return replace(base, reason=f"{p.module_type} is not a plain nn.Embedding (it may scale its output): "
+                                    "kept in floating point")
+    return replace(base, action="quantize", quant="int8", kernel="int8-lookup",
+                   reason="INT8 rows with one scale each: 4x less memory than fp32; a tied lm_head shares them")
 
 
 def _plan_other(p: ModuleProfile, device: str, spec: ArchitectureSpec | None, options: Options,
-                roof: cost.Roofline) -> PlanEntry:
+                roof: cost.Roofline, scheme: str = "none") -> PlanEntry:
     base = PlanEntry(p.name, p.module_type, p.role, "keep", device, "torch", params=p.params)
     if spec is None:
         return replace(base, action="skip", reason="unknown architecture: no role table, left untouched")
+    if p.kind == "embedding":
+        # Gemma's embedding multiplies its lookups by sqrt(hidden); Int8Embedding keeps that factor.
+        plain = p.module_type == "Embedding" or p.module_type.endswith("ScaledWordEmbedding")
+        return _plan_embedding(p, base, options, scheme, plain)
     if p.kind == "norm":
         t = cost.norm_us("torch", roof)
         if spec.norm_style == "layer":
@@ -95,8 +136,6 @@ def _plan_other(p: ModuleProfile, device: str, spec: ArchitectureSpec | None, op
         t = cost.attention_us("sdpa", roof)
         return replace(base, kernel="sdpa", decode_us_before=t, decode_us_after=t,
                        reason="scaled_dot_product_attention (fused, KV cache kept)")
-    if p.kind == "embedding":
-        return replace(base, reason="a lookup reads one row per token: quantizing it saves memory, not time")
     return replace(base, action="skip", reason=f"{p.module_type} has no role in the {spec.family} table")
 
 
@@ -128,11 +167,18 @@ def _prediction(entries: dict[str, PlanEntry], profiles: list[ModuleProfile], ti
     before = fixed + sum(e.decode_us_before for e in entries.values())
     after = fixed + sum(e.decode_us_after for e in entries.values())
     w_before = sum(p.weight_bytes for p in profiles if p.name not in tied)
+    shares_embedding = any(e.action == "quantize" and e.role == "embed" for e in entries.values())
     w_after = 0
     for p in profiles:
-        if entries[p.name].action == "quantize":
-            # int8 weight + fp32 scale (+ fp32 bias); a tied lm_head gets its own copy
-            w_after += p.params + 4 * p.out_features * (2 if p.has_bias else 1)
+        e = entries[p.name]
+        if e.action == "quantize":
+            if p.name in tied and shares_embedding and e.quant == "int8":
+                continue  # reads the embedding's INT8 rows
+            spec = QuantSpec.parse(e.quant)
+            groups = p.in_features // spec.group_size if spec.granularity == "group" else 1
+            per_row = 4 * groups * (2 if spec.asymmetric else 1) + (4 if p.has_bias else 0)
+            # int8 weight + fp32 scales (+ int32 zero points, fp32 bias); an untied copy when not shared
+            w_after += p.params + per_row * max(p.out_features, 1)
         elif p.name not in tied:
             w_after += p.weight_bytes
     return Prediction(before / 1e3, after / 1e3, w_before / 2**20, w_after / 2**20)
@@ -165,7 +211,7 @@ def make_plan(model: nn.Module, hardware: Hardware, options: Options, *, strict:
         if p.kind == "linear":
             entries[p.name] = _plan_linear(p, device, options, scheme, why, roof, p.name in tied)
         else:
-            entries[p.name] = _plan_other(p, device, spec, options, roof)
+            entries[p.name] = _plan_other(p, device, spec, options, roof, scheme)
     fusions = _fusions(entries, role_map.fusion_groups if role_map else [], options, roof)
     notes = []
     if spec is None:

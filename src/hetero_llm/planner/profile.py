@@ -9,7 +9,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..quant.embedding import Int8Embedding, TiedInt8Linear
 from ..quant.modules import Int8Linear, is_linear, linear_weight
+from ..quant.w8a8 import W8A8Linear
+
+QUANTIZED_LINEARS = (Int8Linear, W8A8Linear, TiedInt8Linear)
 
 
 @dataclass(frozen=True)
@@ -44,7 +48,7 @@ def _dtype_name(t: torch.Tensor) -> str:
 
 
 def _profile_linear(name: str, module: nn.Module, role: str) -> ModuleProfile:
-    if isinstance(module, Int8Linear):
+    if isinstance(module, QUANTIZED_LINEARS):
         return ModuleProfile(name, type(module).__name__, "linear", role, module.in_features,
                              module.out_features, module.qweight.numel(),
                              module.qweight.numel(), "int8", module.bias is not None)
@@ -56,11 +60,15 @@ def _profile_linear(name: str, module: nn.Module, role: str) -> ModuleProfile:
 
 def _classify(name: str, module: nn.Module, role: str | None) -> ModuleProfile | None:
     mtype = type(module).__name__
-    if is_linear(module) or isinstance(module, Int8Linear):
+    if is_linear(module) or isinstance(module, QUANTIZED_LINEARS):
         return _profile_linear(name, module, role or "linear")
+    if isinstance(module, Int8Embedding):
+        n = module.qweight.numel()
+        return ModuleProfile(name, mtype, "embedding", role or "embed", module.embedding_dim,
+                             module.num_embeddings, n, n, "int8")
     if isinstance(module, nn.Embedding):
         w = module.weight
-        return ModuleProfile(name, mtype, "embedding", role or "embed", w.shape[1], w.shape[1], w.numel(),
+        return ModuleProfile(name, mtype, "embedding", role or "embed", w.shape[1], w.shape[0], w.numel(),
                              w.numel() * w.element_size(), _dtype_name(w))
     if _is_norm(module):
         w = module.weight

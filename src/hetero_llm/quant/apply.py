@@ -1,27 +1,97 @@
-"""The quantize pass: swap every linear the plan quantizes for an Int8Linear."""
+"""The quantize pass: swap every module the plan quantizes for its INT8 version."""
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from .._modules import replace_module
-from ..planner.plan import Plan
+from ..planner.plan import Plan, PlanEntry
+from .calibrate import outlier_channels, smoothing_factors
+from .embedding import Int8Embedding, TiedInt8Linear
 from .modules import Int8Linear, linear_weight
 from .primitives import check_finite
+from .schemes import QuantSpec
+from .w8a8 import W8A8Linear
+
+
+def _weight_of(module: nn.Module) -> torch.Tensor:
+    return module.weight if isinstance(module, nn.Embedding) else linear_weight(module)
 
 
 def check_quantizable(model: nn.Module, plan: Plan) -> None:
     """Fail before changing anything: a NaN/inf weight would leave a half-converted model."""
     for e in plan.by_action("quantize"):
-        check_finite(linear_weight(model.get_submodule(e.name)), e.name)
+        check_finite(_weight_of(model.get_submodule(e.name)), e.name)
 
 
-def quantize_pass(model: nn.Module, plan: Plan) -> list[tuple[str, str, str]]:
-    """Quantize in place; returns (module, old type, new type) for each swap."""
-    swaps = []
-    for e in plan.by_action("quantize"):
-        old = model.get_submodule(e.name)
-        backend = e.kernel.split("+", 1)[0]
-        new = Int8Linear.from_linear(old, e.quant, backend=backend, name=e.name)
+def calibrated_modules(plan: Plan) -> list[str]:
+    """The linears whose input activations W8A8 calibration must observe."""
+    q = plan.options.get("quantize", {})
+    if not (q.get("smooth_alpha", 0) > 0 or q.get("outlier_channels", 0) > 0):
+        return []
+    return [e.name for e in plan.by_action("quantize") if e.quant == "w8a8"]
+
+
+def _w8a8_inputs(plan: Plan, originals: dict[str, nn.Module],
+                 act_absmax: dict[str, torch.Tensor] | None) -> dict[str, tuple]:
+    """(smooth multiplier on x, fp outlier channels) per W8A8 linear.
+
+    Linears fused into one matmul (q/k/v, gate/up) read the same input, so they
+    share one smoothing vector, computed from their weights jointly.
+    """
+    names = calibrated_modules(plan)
+    if not names:
+        return {}
+    q = plan.options["quantize"]
+    alpha, n_out = float(q.get("smooth_alpha", 0.0)), int(q.get("outlier_channels", 0))
+    group_of = {m: f.members for f in plan.fusions for m in f.members}
+    result = {}
+    for name in names:
+        group = [m for m in group_of.get(name, (name,)) if m in act_absmax and m in originals]
+        act = torch.stack([act_absmax[m] for m in group]).amax(dim=0)
+        w_max = torch.stack([linear_weight(originals[m]).detach().abs().amax(dim=0).float().cpu()
+                             for m in group]).amax(dim=0)
+        s = smoothing_factors(act, w_max, alpha) if alpha > 0 else torch.ones_like(act)
+        smooth = (1.0 / s) if alpha > 0 else None
+        result[name] = (smooth, outlier_channels(act / s, n_out))
+    return result
+
+
+def _quantize_linear(e: PlanEntry, old: nn.Module, new_embeddings: dict[int, Int8Embedding],
+                     w8a8: dict[str, tuple]) -> nn.Module:
+    backend = e.kernel.split("+", 1)[0]
+    tied = new_embeddings.get(id(linear_weight(old))) if isinstance(old, nn.Linear) else None
+    if tied is not None and e.quant == "int8" and getattr(old, "bias", None) is None:
+        return TiedInt8Linear(tied, backend)
+    if QuantSpec.parse(e.quant).activations:
+        smooth, outliers = w8a8.get(e.name, (None, None))
+        w = linear_weight(old)
+        return W8A8Linear.from_weight(w, getattr(old, "bias", None), smooth=None if smooth is None else
+                                      smooth.to(w.device), outliers=outliers, backend=backend, name=e.name)
+    return Int8Linear.from_linear(old, e.quant, backend=backend, name=e.name)
+
+
+def quantize_pass(model: nn.Module, plan: Plan,
+                  act_absmax: dict[str, torch.Tensor] | None = None) -> list[tuple[str, str, str]]:
+    """Quantize in place; returns (module, old type, new type) for each swap.
+
+    `act_absmax` (from calibrate.activation_absmax) is needed for W8A8 with
+    smoothing or outlier channels.
+    """
+    entries = plan.by_action("quantize")
+    originals = {e.name: model.get_submodule(e.name) for e in entries}
+    if calibrated_modules(plan) and act_absmax is None:
+        raise ValueError("this plan's W8A8 layers need calibration statistics")  # api.py always passes them
+    w8a8 = _w8a8_inputs(plan, originals, act_absmax)
+    swaps, new_embeddings = [], {}
+    # Embeddings first: a tied lm_head then shares their INT8 rows.
+    for e in sorted(entries, key=lambda e: not isinstance(originals[e.name], nn.Embedding)):
+        old = originals[e.name]
+        if isinstance(old, nn.Embedding):
+            new = Int8Embedding.from_embedding(old, e.name)
+            new_embeddings[id(old.weight)] = new
+        else:
+            new = _quantize_linear(e, old, new_embeddings, w8a8)
         replace_module(model, e.name, new)
         swaps.append((e.name, type(old).__name__, type(new).__name__))
     return swaps

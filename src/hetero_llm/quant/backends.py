@@ -10,6 +10,8 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from .primitives import dequantize
+
 # Batch rows at or below this use the GEMV kernel; above it the dequantize +
 # bf16 GEMM path wins (measured on AVX-512 CPUs: at 512 rows int8pack is ~3x
 # slower than a bf16 GEMM on the dequantized weight).
@@ -21,16 +23,13 @@ class TorchReference:
 
     name = "torch-dequant"
 
-    def supports(self, in_features: int, device: torch.device) -> bool:
+    def supports(self, in_features: int, device: torch.device, group_size: int | None = None) -> bool:
         return True
 
     def matmul(self, x2d: torch.Tensor, layer) -> torch.Tensor:
         # Dequantize in fp32, then cast: scaling after an fp16 matmul on raw
         # integers would overflow (outputs ~127x too large before scaling).
-        w = layer.qweight.float()
-        if layer.zero_point is not None:
-            w = w - layer.zero_point.float()[:, None]
-        return F.linear(x2d, (w * layer.scale[:, None]).to(x2d.dtype))
+        return F.linear(x2d, dequantize(layer.quantized_weight(), x2d.dtype))
 
 
 @functools.lru_cache(maxsize=1)
@@ -61,10 +60,12 @@ class CpuInt8Pack:
 
     name = "cpu-int8pack"
 
-    def supports(self, in_features: int, device: torch.device) -> bool:
+    def supports(self, in_features: int, device: torch.device, group_size: int | None = None) -> bool:
         # The kernel reads K in blocks of 16 and returns garbage (or crashes)
-        # for other widths, so those layers use the reference path.
-        return device.type == "cpu" and in_features % 16 == 0 and int8pack_available()
+        # for other widths, so those layers use the reference path. It takes
+        # one scale per output channel: per-group weights use the reference.
+        return (device.type == "cpu" and group_size is None and in_features % 16 == 0
+                and int8pack_available())
 
     def matmul(self, x2d: torch.Tensor, layer) -> torch.Tensor:
         xb = x2d.to(torch.bfloat16).contiguous()  # the kernel needs a unit-stride last dim
@@ -85,11 +86,12 @@ class CpuInt8Pack:
 BACKENDS = {b.name: b for b in (CpuInt8Pack(), TorchReference())}
 
 
-def pick_backend(in_features: int, device: torch.device, preferred: str = "auto") -> str:
+def pick_backend(in_features: int, device: torch.device, preferred: str = "auto",
+                 group_size: int | None = None) -> str:
     """The fastest backend that supports this layer on this device."""
     if preferred != "auto":
         return preferred
     for name in ("cpu-int8pack", "torch-dequant"):
-        if BACKENDS[name].supports(in_features, device):
+        if BACKENDS[name].supports(in_features, device, group_size):
             return name
     return "torch-dequant"

@@ -5,10 +5,8 @@ import torch
 from torch import nn
 
 from .backends import BACKENDS, pick_backend
-from .primitives import QuantizedWeight, dequantize, quantize_asymmetric, quantize_symmetric
-
-SCHEME_LABELS = {"int8": "int8 sym per-channel, weight-only",
-                 "int8-asym": "int8 asym per-channel, weight-only"}
+from .primitives import QuantizedWeight, dequantize, quantize_weight
+from .schemes import QuantSpec
 
 
 def linear_weight(module: nn.Module) -> torch.Tensor:
@@ -33,14 +31,17 @@ class Int8Linear(nn.Module):
     """
 
     def __init__(self, in_features: int, out_features: int, *, bias: bool, asymmetric: bool,
-                 backend: str = "torch-dequant", device=None) -> None:
+                 backend: str = "torch-dequant", device=None, group_size: int | None = None,
+                 scheme: str | None = None) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.scheme = "int8-asym" if asymmetric else "int8"
+        self.scheme = scheme or ("int8-asym" if asymmetric else "int8")
+        self.group_size = group_size
         self.backend = backend
+        shape = (out_features,) if group_size is None else (out_features, in_features // group_size)
         self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
-        self.register_buffer("scale", torch.ones(out_features, dtype=torch.float32, device=device))
-        self.register_buffer("zero_point", torch.zeros(out_features, dtype=torch.int32, device=device)
+        self.register_buffer("scale", torch.ones(shape, dtype=torch.float32, device=device))
+        self.register_buffer("zero_point", torch.zeros(shape, dtype=torch.int32, device=device)
                              if asymmetric else None)
         self.register_buffer("bias", torch.zeros(out_features, device=device) if bias else None)
         # Derived, not saved: rebuilt from the saved buffers by _refresh().
@@ -55,24 +56,35 @@ class Int8Linear(nn.Module):
             self.bias = self.bias.float()
         self.scale_bf16 = self.scale.to(torch.bfloat16)  # exact: scales are bf16-representable
         self.zero_scale = None if self.zero_point is None else self.zero_point.float() * self.scale
+        if hasattr(self, "_backend"):
+            self.backend = self._backend  # the matmul may cache per-device state
 
     @classmethod
     def from_linear(cls, module: nn.Module, scheme: str = "int8", backend: str = "auto",
                     name: str = "weight") -> "Int8Linear":
+        spec = QuantSpec.parse(scheme)
         weight = linear_weight(module)
-        asym = scheme == "int8-asym"
-        qw = (quantize_asymmetric if asym else quantize_symmetric)(weight, name)
-        out_f, in_f = weight.shape
+        qw = quantize_weight(weight, name, asymmetric=spec.asymmetric, granularity=spec.granularity,
+                             group_size=spec.group_size)
         bias = getattr(module, "bias", None)
-        chosen = pick_backend(in_f, weight.device, backend)
-        if not BACKENDS[chosen].supports(in_f, weight.device):
+        return cls.from_quantized(qw, None if bias is None else bias.detach().float(), scheme, backend)
+
+    @classmethod
+    def from_quantized(cls, qw: QuantizedWeight, bias: torch.Tensor | None, scheme: str,
+                       backend: str = "auto") -> "Int8Linear":
+        out_f, in_f = qw.qweight.shape
+        device = qw.qweight.device
+        chosen = pick_backend(in_f, device, backend, qw.group_size)
+        if not BACKENDS[chosen].supports(in_f, device, qw.group_size):
             chosen = "torch-dequant"  # e.g. a plan made for another shape: never run a kernel out of spec
-        layer = cls(in_f, out_f, bias=bias is not None, asymmetric=asym, backend=chosen, device=weight.device)
-        layer.load_quantized(qw, None if bias is None else bias.detach().float())
+        layer = cls(in_f, out_f, bias=bias is not None, asymmetric=qw.zero_point is not None, backend=chosen,
+                    device=device, group_size=qw.group_size, scheme=scheme)
+        layer.load_quantized(qw, bias)
         return layer
 
     def load_quantized(self, qw: QuantizedWeight, bias: torch.Tensor | None) -> None:
         self.qweight = qw.qweight.contiguous()
+        self.group_size = qw.group_size
         self.scale = qw.scale.float().contiguous()
         self.zero_point = None if qw.zero_point is None else qw.zero_point.int().contiguous()
         self.bias = None if bias is None else bias.float().contiguous()

@@ -1,0 +1,232 @@
+"""W8A8: per-token INT8 activations times per-channel INT8 weights on the int8 tensor cores.
+
+    xq, x_scale = quantize_per_token(x, smooth)        x * smooth ~= xq * x_scale, per row
+    y = (xq @ qweightᵀ, exact in int32) * x_scale * w_scale + bias
+
+`smooth` is SmoothQuant's per-input-channel 1/s, folded into the activation before it is
+quantized (the weight was multiplied by s when it was quantized).
+
+Rounding: torch.round rounds half to even, and so must the kernel. libdevice's rint does (one
+`cvt.rni` instruction) but the Triton interpreter cannot run libdevice calls, so the kernel adds
+and subtracts 1.5 * 2**23 instead: for |v| < 2**22 the sum lands where the fp32 spacing is 1, so
+the add itself rounds v to the nearest integer, ties to even, under the default rounding mode,
+and the subtract is exact. One code path, the same on the GPU and in the interpreter, at the
+cost of one extra add in a memory-bound kernel. The division uses div_rn (IEEE), as torch does;
+Triton's plain `/` on fp32 is an approximate division and could flip a rounding.
+"""
+from __future__ import annotations
+
+import torch
+
+from .int8_linear import GROUP_M, m_bucket, on_device, pick_config, require_triton
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the references still work; the launchers say what is missing
+    triton = tl = None
+
+TRITON_AVAILABLE = triton is not None
+QMAX = 127  # symmetric: -128 is never produced
+QUANT_MAX_K = 65536  # a whole row stays in registers (one pass); longer rows: use the reference
+
+# Keyed by the largest M each list serves (None: any larger M). Two or three operand tiles of
+# 32-48 KiB in flight; every config fits Hopper's 227 KiB of shared memory per block.
+W8A8_CONFIGS = {
+    16: (dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=4),),
+    64: (dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, num_warps=4, num_stages=4),
+         dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=4)),
+    None: (dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, num_warps=8, num_stages=3),
+           dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=4),
+           dict(BLOCK_M=256, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=3)),
+}
+
+
+def _jit(fn):
+    """triton.jit where Triton is installed; without it the plain function, never launched."""
+    return triton.jit(fn) if TRITON_AVAILABLE else fn
+
+
+# -- kernels -----------------------------------------------------------------------------------
+
+@_jit
+def _quantize_per_token_kernel(x_ptr, smooth_ptr, q_ptr, s_ptr, M, K,
+                               stride_xm, stride_xk, stride_qm, stride_qk,
+                               HAS_SMOOTH: tl.constexpr, BLOCK_M: tl.constexpr,
+                               BLOCK_K: tl.constexpr):
+    # BLOCK_K covers the whole row: read once, absmax, scale, round, store.
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
+    x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                mask=mask, other=0.0).to(tl.float32)
+    if HAS_SMOOTH:
+        x *= tl.load(smooth_ptr + offs_k, mask=offs_k < K, other=0.0)[None, :]
+    scale = tl.div_rn(tl.max(tl.abs(x), axis=1), 127.0)
+    scale = tl.where(scale > 0.0, scale, 1.0)  # an all-zero (or underflowing) row: never 0/0
+    v = tl.div_rn(x, scale[:, None])
+    v = (v + 12582912.0) - 12582912.0  # round half to even: see the module docstring
+    v = tl.minimum(tl.maximum(v, -127.0), 127.0)
+    tl.store(q_ptr + offs_m[:, None] * stride_qm + offs_k[None, :] * stride_qk, v.to(tl.int8),
+             mask=mask)
+    tl.store(s_ptr + offs_m, scale, mask=offs_m < M)
+
+
+@_jit
+def _int8_gemm_kernel(a_ptr, b_ptr, as_ptr, bs_ptr, bias_ptr, c_ptr, M, N, K,
+                      stride_am, stride_ak, stride_bn, stride_bk, stride_cm, stride_cn,
+                      HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    pid = tl.program_id(0)
+    tiles_m, tiles_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+    first_m = (pid // (GROUP_M * tiles_n)) * GROUP_M
+    group_rows = min(tiles_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * tiles_n)) % group_rows
+    pid_n = (pid % (GROUP_M * tiles_n)) // group_rows
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows_m, rows_n = offs_m % M, offs_n % N  # wrapped; only the store is masked
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + rows_m[:, None] * stride_am + offs_k[None, :] * stride_ak
+    # The (K, N) view of the (N, K) weight: K stays contiguous, which int8 wgmma requires.
+    b_ptrs = b_ptr + offs_k[:, None] * stride_bk + rows_n[None, :] * stride_bn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.int32)
+    for k0 in range(0, K, BLOCK_K):
+        k_ok = offs_k < K - k0
+        a = tl.load(a_ptrs, mask=k_ok[None, :], other=0)
+        b = tl.load(b_ptrs, mask=k_ok[:, None], other=0)
+        acc = tl.dot(a, b, acc)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+    # Same order of fp32 operations as the reference: int32 -> fp32, * x_scale, * w_scale.
+    c = acc.to(tl.float32) * tl.load(as_ptr + rows_m)[:, None]
+    c = c * tl.load(bs_ptr + rows_n)[None, :]
+    if HAS_BIAS:
+        c += tl.load(bias_ptr + rows_n).to(tl.float32)[None, :]
+    tl.store(c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn,
+             c.to(c_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+
+
+# -- references --------------------------------------------------------------------------------
+
+def quantize_per_token_ref(x: torch.Tensor, smooth: torch.Tensor | None = None):
+    """Symmetric per-row INT8: (xq int8 (..., K), x_scale fp32 (..., 1)), scale = absmax / 127.
+
+    An all-zero row gets scale 1. `smooth` (K,) multiplies x (in fp32) before quantizing.
+    """
+    xf = x.to(torch.float32)
+    if smooth is not None:
+        xf = xf * smooth.to(torch.float32)
+    scale = xf.abs().amax(dim=-1, keepdim=True) / QMAX
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    xq = torch.round(xf / scale).clamp_(-QMAX, QMAX).to(torch.int8)
+    return xq, scale
+
+
+def int_matmul_ref(xq: torch.Tensor, qweight: torch.Tensor) -> torch.Tensor:
+    """xq (M, K) @ qweight (N, K)ᵀ exactly, as int32.
+
+    float64 holds every partial sum exactly (|sum| <= K * 128 * 128 < 2**53) and has a matmul
+    on every device, which int32 does not (CUDA).
+    """
+    return (xq.to(torch.float64) @ qweight.to(torch.float64).T).to(torch.int32)
+
+
+def int8_gemm_ref(xq: torch.Tensor, x_scale: torch.Tensor, qweight: torch.Tensor,
+                  w_scale: torch.Tensor, bias: torch.Tensor | None = None,
+                  out_dtype: torch.dtype = torch.float16) -> torch.Tensor:
+    """Reference: (xq @ qweightᵀ as int32) * x_scale[:, None] * w_scale[None, :] + bias."""
+    y = int_matmul_ref(xq, qweight).to(torch.float32)
+    y = y * x_scale.reshape(-1, 1).to(torch.float32) * w_scale.reshape(1, -1).to(torch.float32)
+    if bias is not None:
+        y = y + bias.to(torch.float32)
+    return y.to(out_dtype)
+
+
+def w8a8_linear_ref(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor,
+                    bias: torch.Tensor | None = None, smooth: torch.Tensor | None = None):
+    """Reference W8A8 linear on x (..., K): quantize per token, integer GEMM, x.dtype out."""
+    xq, xs = quantize_per_token_ref(x.reshape(-1, x.shape[-1]), smooth)
+    y = int8_gemm_ref(xq, xs, qweight, w_scale, bias, out_dtype=x.dtype)
+    return y.reshape(*x.shape[:-1], qweight.shape[0])
+
+
+# -- launchers ---------------------------------------------------------------------------------
+
+def quantize_per_token_triton(x: torch.Tensor, smooth: torch.Tensor | None = None):
+    """`quantize_per_token_ref` in one Triton kernel; rows of up to QUANT_MAX_K elements."""
+    require_triton("quantize_per_token_triton")
+    k = x.shape[-1]
+    if k > QUANT_MAX_K:
+        raise ValueError(f"rows of {k} > {QUANT_MAX_K} elements do not fit one pass; "
+                         "use quantize_per_token_ref")
+    x2 = x.reshape(-1, k)
+    m = x2.shape[0]
+    xq = torch.empty((m, k), dtype=torch.int8, device=x.device)
+    scale = torch.empty((m, 1), dtype=torch.float32, device=x.device)
+    if m and k:
+        block_k = triton.next_power_of_2(k)
+        tile = max(block_k, 4096)  # rows per program: about 4096 elements, 32 per thread
+        block_m = min(tile // block_k, triton.next_power_of_2(m))
+        sm = smooth.to(torch.float32).contiguous() if smooth is not None else scale
+        with on_device(x, _quantize_per_token_kernel):
+            _quantize_per_token_kernel[(triton.cdiv(m, block_m),)](
+                x2, sm, xq, scale, m, k, x2.stride(0), x2.stride(1), xq.stride(0), xq.stride(1),
+                HAS_SMOOTH=smooth is not None, BLOCK_M=block_m, BLOCK_K=block_k,
+                num_warps=max(1, min(32, tile // 1024)))
+    elif m:
+        scale.fill_(1.0)
+    return xq.reshape(x.shape), scale.reshape(*x.shape[:-1], 1)
+
+
+def _launch_gemm(xq, x_scale, qweight, w_scale, bias, out, cfg):
+    m, k = xq.shape
+    n = qweight.shape[0]
+    grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
+    _int8_gemm_kernel[grid](
+        xq, qweight, x_scale, w_scale, bias if bias is not None else w_scale, out, m, n, k,
+        xq.stride(0), xq.stride(1), qweight.stride(0), qweight.stride(1),
+        out.stride(0), out.stride(1), HAS_BIAS=bias is not None, BLOCK_M=cfg["BLOCK_M"],
+        BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=GROUP_M,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+
+
+def int8_gemm_triton(xq: torch.Tensor, x_scale: torch.Tensor, qweight: torch.Tensor,
+                     w_scale: torch.Tensor, bias: torch.Tensor | None = None,
+                     out_dtype: torch.dtype = torch.float16, *,
+                     config: dict | None = None) -> torch.Tensor:
+    """`int8_gemm_ref` on the int8 tensor cores: int32 accumulation, fp32 epilogue.
+
+    The configuration comes from W8A8_CONFIGS for M's bucket (timed once per shape on the GPU);
+    `config` forces one.
+    """
+    require_triton("int8_gemm_triton")
+    m, k = xq.shape
+    n = qweight.shape[0]
+    if xq.dtype != torch.int8 or qweight.dtype != torch.int8 or qweight.shape[1] != k:
+        raise ValueError(f"expected int8 xq (M, K) and qweight (N, K); got {xq.dtype} "
+                         f"{tuple(xq.shape)} and {qweight.dtype} {tuple(qweight.shape)}")
+    if x_scale.numel() != m or w_scale.numel() != n:
+        raise ValueError("x_scale must have M elements and w_scale N (per token, per channel)")
+    x_scale = x_scale.to(torch.float32).reshape(m).contiguous()
+    w_scale = w_scale.to(torch.float32).reshape(n).contiguous()
+    bias = bias.to(torch.float32).contiguous() if bias is not None else None
+    out = torch.empty((m, n), dtype=out_dtype, device=xq.device)
+    if m == 0 or n == 0:
+        return out
+    if k == 0:
+        return out.copy_(bias.expand(m, n) if bias is not None else torch.zeros_like(out))
+    bucket = m_bucket(m, W8A8_CONFIGS)
+    key = ("w8a8", bucket, n, k, out_dtype, bias is not None)
+    run = lambda cfg: _launch_gemm(xq, x_scale, qweight, w_scale, bias, out, cfg)  # noqa: E731
+    with on_device(xq, _int8_gemm_kernel):
+        run(config or pick_config(key, W8A8_CONFIGS[bucket], run, xq.device))
+    return out
+
+
+def w8a8_linear_triton(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor,
+                       bias: torch.Tensor | None = None, smooth: torch.Tensor | None = None):
+    """W8A8 linear on x (..., K): quantize per token, then the int8 GEMM; returns x.dtype."""
+    xq, xs = quantize_per_token_triton(x.reshape(-1, x.shape[-1]), smooth)
+    y = int8_gemm_triton(xq, xs, qweight, w_scale, bias, out_dtype=x.dtype)
+    return y.reshape(*x.shape[:-1], qweight.shape[0])

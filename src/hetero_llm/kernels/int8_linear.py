@@ -1,0 +1,345 @@
+"""INT8 weight-only linear (W8A16): y = x · dequant(qweight)ᵀ + bias, the weight kept in int8.
+
+Weights: qweight (N, K) int8; scale fp32 (N,) per output channel or (N, K // group_size) per
+group; optional int32 zero point of the scale's shape, so w = (q - zero_point) * scale.
+
+Two Triton kernels, both accumulating in fp32:
+- `_int8_gemv_kernel` for decode (M <= 4): one row of x per program, BLOCK_N output
+  channels over the whole of K ("wide N", no split-K, so one launch and a deterministic sum).
+  At batch 1 this is bandwidth-bound, so it streams the int8 weight with 16-byte loads and
+  keeps the per-weight work to a few full-rate instructions (see `_int8_to_f32`).
+- `_int8_gemm_w8a16_kernel` for prefill: tl.dot tiles with the int8 tile dequantized to the
+  activation dtype in registers. (q - zero_point) is an integer of at most 255 in magnitude,
+  exact in fp16/bf16, so the dot is exact in its weight operand and the scale is applied to the
+  fp32 partial sums, per tile for per-group scales and once at the end per channel.
+
+`int8_linear_ref` is the fp32 torch reference. Launch configurations are data (the tables
+below); `pick_config` times the candidates once per (M bucket, N, K, ...) on the GPU.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+
+from ..errors import HardwareError
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the references still work; the launchers say what is missing
+    triton = tl = None
+
+TRITON_AVAILABLE = triton is not None
+# Launch configurations, keyed by the largest M each list serves (None: any larger M). The
+# first entry of each list is the one used where nothing is timed (the interpreter).
+# M <= 4 (decode): the CUDA-core GEMV streams the weight with 32 weights per thread per tile
+# (4-8 KiB per load, two loads in flight per program); the tensor-core kernel with 16-row
+# tiles is a candidate too, so timing on the GPU picks whichever streams faster.
+W8A16_CONFIGS = {
+    4: (dict(kernel="gemv", BLOCK_N=8, BLOCK_K=512, num_warps=4),
+        dict(kernel="gemv", BLOCK_N=16, BLOCK_K=512, num_warps=8),
+        dict(kernel="gemv", BLOCK_N=4, BLOCK_K=1024, num_warps=4),
+        dict(kernel="mma", BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, num_warps=4, num_stages=4)),
+    16: (dict(kernel="mma", BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, num_warps=4, num_stages=4),
+         dict(kernel="mma", BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=4)),
+    64: (dict(kernel="mma", BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=4),
+         dict(kernel="mma", BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=4)),
+    None: (dict(kernel="mma", BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=4),
+           dict(kernel="mma", BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3),
+           dict(kernel="mma", BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=4)),
+}
+GROUP_M = 8  # GEMM tile order: 8 row-tiles share each weight tile while it is in L2
+
+
+def _jit(fn):
+    """triton.jit where Triton is installed; without it the plain function, never launched."""
+    return triton.jit(fn) if TRITON_AVAILABLE else fn
+
+
+# -- kernels -----------------------------------------------------------------------------------
+
+@_jit
+def _int8_to_f32(q, zoff):
+    """(q - zero_point) in fp32 for int8 q, where zoff = 8388736 + zero_point (fp32).
+
+    0x4B000080 + q is the bit pattern of the float 2**23 + 128 + q (the mantissa holds the
+    integer), so an integer add and a float subtract replace the int-to-float convert, which
+    runs at a quarter of the FMA rate and would bound the batch-1 GEMV. Exact: every value
+    involved is an integer below 2**24.
+    """
+    bits = q.to(tl.int32) + 0x4B000080
+    return bits.to(tl.float32, bitcast=True) - zoff
+
+
+@_jit
+def _int8_gemv_kernel(x_ptr, w_ptr, s_ptr, zp_ptr, b_ptr, y_ptr, M, N, K,
+                      stride_xm, stride_xk, stride_wn, stride_wk, stride_sn, stride_sg,
+                      stride_ym, stride_yn,
+                      GROUP_SIZE: tl.constexpr, HAS_ZP: tl.constexpr, HAS_BIAS: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, VEC: tl.constexpr):
+    # Rows of x vary fastest, so the programs sharing a weight tile run together and the
+    # re-reads for M > 1 come from L2.
+    pid = tl.program_id(0)
+    m = pid % M
+    offs_n = (pid // M) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = offs_n % N  # wrap instead of masking: loads stay unmasked along N, the store is masked
+    # x is read as a (BLOCK_N, BLOCK_K) tile (zero stride along N, served by L1) in the weight
+    # tile's register layout, so no shared memory or barrier is needed to combine them. Each
+    # load gets one layout from its vector width, so both are capped at VEC elements (16 bytes
+    # of x): without the cap the int8 tile takes 16 per thread, x 8, and every iteration pays a
+    # layout conversion through shared memory with two barriers.
+    offs_k = tl.max_contiguous(tl.arange(0, BLOCK_K), VEC)[None, :]
+    x_ptrs = x_ptr + m * stride_xm + (offs_k + 0 * rows[:, None]) * stride_xk
+    w_ptrs = w_ptr + rows[:, None] * stride_wn + offs_k * stride_wk
+    zoff = tl.zeros((BLOCK_N,), tl.float32) + 8388736.0
+    if HAS_ZP and GROUP_SIZE == 0:
+        zoff += tl.load(zp_ptr + rows * stride_sn).to(tl.float32)
+    acc = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)  # reduced over K once, after the loop
+    q_next = tl.load(w_ptrs, mask=offs_k < K, other=0)
+    for k0 in range(0, K, BLOCK_K):
+        # Prefetch the next weight tile before using this one: two tiles in flight per program
+        # (the last prefetch is fully masked and reads nothing).
+        q = q_next
+        w_ptrs += BLOCK_K * stride_wk
+        q_next = tl.load(w_ptrs, mask=offs_k < K - k0 - BLOCK_K, other=0)
+        x = tl.load(x_ptrs, mask=offs_k < K - k0, other=0.0).to(tl.float32)
+        if GROUP_SIZE > 0:  # the launcher makes BLOCK_K divide GROUP_SIZE: one group per tile
+            g_off = rows * stride_sn + (k0 // GROUP_SIZE) * stride_sg
+            z = zoff
+            if HAS_ZP:
+                z += tl.load(zp_ptr + g_off).to(tl.float32)
+            w = _int8_to_f32(q, z[:, None]) * tl.load(s_ptr + g_off)[:, None]
+        else:
+            w = _int8_to_f32(q, zoff[:, None])
+        acc += x * w  # masked K: x is 0 there, so (0 - zp) adds nothing
+        x_ptrs += BLOCK_K * stride_xk
+    out = tl.sum(acc, axis=1)
+    if GROUP_SIZE == 0:
+        out *= tl.load(s_ptr + rows * stride_sn)
+    if HAS_BIAS:
+        out += tl.load(b_ptr + rows).to(tl.float32)
+    tl.store(y_ptr + m * stride_ym + offs_n * stride_yn, out.to(y_ptr.dtype.element_ty),
+             mask=offs_n < N)
+
+
+@_jit
+def _int8_gemm_w8a16_kernel(x_ptr, w_ptr, s_ptr, zp_ptr, b_ptr, y_ptr, M, N, K,
+                            stride_xm, stride_xk, stride_wn, stride_wk, stride_sn, stride_sg,
+                            stride_ym, stride_yn,
+                            GROUP_SIZE: tl.constexpr, HAS_ZP: tl.constexpr, HAS_BIAS: tl.constexpr,
+                            DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    pid = tl.program_id(0)
+    tiles_m, tiles_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+    first_m = (pid // (GROUP_M * tiles_n)) * GROUP_M
+    group_rows = min(tiles_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * tiles_n)) % group_rows
+    pid_n = (pid % (GROUP_M * tiles_n)) // group_rows
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows_m, rows_n = offs_m % M, offs_n % N  # wrapped; only the store is masked
+    offs_k = tl.arange(0, BLOCK_K)
+    x_ptrs = x_ptr + rows_m[:, None] * stride_xm + offs_k[None, :] * stride_xk
+    w_ptrs = w_ptr + offs_k[:, None] * stride_wk + rows_n[None, :] * stride_wn  # (K, N) view
+    zoff = tl.zeros((BLOCK_N,), tl.float32) + 8388736.0
+    if HAS_ZP and GROUP_SIZE == 0:
+        zoff += tl.load(zp_ptr + rows_n * stride_sn).to(tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_ok = offs_k < K - k0
+        x = tl.load(x_ptrs, mask=k_ok[None, :], other=0.0)
+        q = tl.load(w_ptrs, mask=k_ok[:, None], other=0)
+        if GROUP_SIZE > 0:  # one group per K tile: scale the tile's fp32 partial product
+            g_off = rows_n * stride_sn + (k0 // GROUP_SIZE) * stride_sg
+            z = zoff
+            if HAS_ZP:
+                z += tl.load(zp_ptr + g_off).to(tl.float32)
+            w = _int8_to_f32(q, z[None, :]).to(x.dtype)
+            part = tl.dot(x, w, input_precision=DOT_PRECISION)
+            acc += part * tl.load(s_ptr + g_off)[None, :]
+        else:
+            w = _int8_to_f32(q, zoff[None, :]).to(x.dtype)
+            acc = tl.dot(x, w, acc, input_precision=DOT_PRECISION)
+        x_ptrs += BLOCK_K * stride_xk
+        w_ptrs += BLOCK_K * stride_wk
+    if GROUP_SIZE == 0:
+        acc *= tl.load(s_ptr + rows_n * stride_sn)[None, :]
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + rows_n).to(tl.float32)[None, :]
+    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty),
+             mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+
+
+# -- reference ---------------------------------------------------------------------------------
+
+def group_size_of(qweight: torch.Tensor, scale: torch.Tensor) -> int:
+    """0 for a per-channel scale (N,) or (N, 1); else the K columns each scale covers."""
+    n, k = qweight.shape
+    if scale.shape[0] != n or scale.dim() > 2:
+        raise ValueError(f"scale must be (N,) or (N, K // group_size) for a ({n}, {k}) weight; "
+                         f"got {tuple(scale.shape)}")
+    if scale.dim() == 1 or scale.shape[1] == 1:
+        return 0
+    groups = scale.shape[1]
+    if k % groups:
+        raise ValueError(f"K={k} is not a whole number of {groups} groups")
+    return k // groups
+
+
+def _per_column(t: torch.Tensor, group: int, k: int) -> torch.Tensor:
+    """A per-channel or per-group (N, ...) tensor expanded to (N, K), in fp32."""
+    t = t.to(torch.float32).reshape(t.shape[0], -1)
+    return t.repeat_interleave(group, dim=1) if group else t.expand(-1, k)
+
+
+def int8_linear_ref(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
+                    zero_point: torch.Tensor | None = None,
+                    bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Reference W8A16 linear: dequantize to fp32, matmul in fp32, return x.dtype.
+
+    x (..., K); qweight (N, K) int8; scale (N,) or (N, K // group_size); zero_point None or
+    integer of the scale's shape (w = (q - zero_point) * scale); bias (N,) or None.
+    """
+    n, k = qweight.shape
+    group = group_size_of(qweight, scale)
+    w = qweight.to(torch.float32)
+    if zero_point is not None:
+        w = w - _per_column(zero_point, group, k)
+    w = w * _per_column(scale, group, k)
+    y = x.reshape(-1, k).to(torch.float32) @ w.T
+    if bias is not None:
+        y = y + bias.to(torch.float32)
+    return y.to(x.dtype).reshape(*x.shape[:-1], n)
+
+
+# -- launchers ---------------------------------------------------------------------------------
+
+_BEST: dict = {}
+
+
+def pick_config(key, candidates, launch, device: torch.device) -> dict:
+    """The fastest of `candidates` for `key`, timed once per process (median, L2 flushed).
+
+    Off the GPU (the interpreter) the first candidate is taken: timing it would mean nothing.
+    A candidate the chip cannot run (too much shared memory, say) is skipped.
+    """
+    if key in _BEST:
+        return _BEST[key]
+    best, errors = candidates[0], []
+    if len(candidates) > 1 and device.type == "cuda":
+        times = []
+        for cfg in candidates:
+            try:
+                times.append(triton.testing.do_bench(lambda: launch(cfg), warmup=5, rep=25,
+                                                     return_mode="median"))
+            except Exception as e:  # noqa: BLE001 - one unrunnable config must not stop the rest
+                errors.append(e)
+                times.append(math.inf)
+        if all(math.isinf(t) for t in times):
+            raise errors[0]
+        best = candidates[times.index(min(times))]
+    _BEST[key] = best
+    return best
+
+
+def require_triton(what: str) -> None:
+    """Raise a typed, actionable error when Triton cannot be imported."""
+    if not TRITON_AVAILABLE:
+        raise HardwareError(f"{what} needs Triton, which is not importable here. Install it "
+                            "(pip install triton, Linux only) or call the torch reference instead.")
+
+
+def on_device(x: torch.Tensor, kernel):
+    """Launch on x's GPU (Triton launches on the current device). CPU tensors are only valid
+    for a kernel defined under the interpreter (TRITON_INTERPRET=1 at its definition)."""
+    if x.is_cuda:
+        return torch.cuda.device(x.device)
+    if isinstance(kernel, triton.runtime.JITFunction):
+        raise HardwareError(f"the Triton kernels need CUDA tensors; got a {x.device} tensor. Move "
+                            "it to the GPU, or call the torch reference.")
+    return contextlib.nullcontext()
+
+
+def m_bucket(m: int, table: dict):
+    """The key of the first table entry whose largest M covers m (None for the rest)."""
+    for limit in table:
+        if limit is not None and m <= limit:
+            return limit
+    return None
+
+
+def _pow2_factor(n: int) -> int:
+    return n & -n
+
+
+def _launch(x, qweight, scale, zero_point, bias, y, group, cfg):
+    """Launch the kernel `cfg` names on 2-D x and y; both kernels share their leading arguments."""
+    (m, k), n = x.shape, qweight.shape[0]
+    block_n, block_k = cfg["BLOCK_N"], cfg["BLOCK_K"]
+    if group and block_k > _pow2_factor(group):  # one scale per K tile: BLOCK_K divides the group
+        shrink = block_k // _pow2_factor(group)
+        block_k //= shrink
+        block_n *= shrink if cfg["kernel"] == "gemv" else 1  # the GEMV keeps its tile's bytes
+    args = (x, qweight, scale, zero_point if zero_point is not None else scale,
+            bias if bias is not None else scale, y, m, n, k, x.stride(0), x.stride(1),
+            qweight.stride(0), qweight.stride(1), scale.stride(0), scale.stride(1),
+            y.stride(0), y.stride(1))
+    flags = dict(GROUP_SIZE=group, HAS_ZP=zero_point is not None, HAS_BIAS=bias is not None)
+    if cfg["kernel"] == "gemv":
+        _int8_gemv_kernel[(triton.cdiv(n, block_n) * m,)](
+            *args, **flags, BLOCK_N=block_n, BLOCK_K=block_k, VEC=16 // x.element_size(),
+            num_warps=cfg["num_warps"])
+    else:
+        grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, block_n),)
+        _int8_gemm_w8a16_kernel[grid](
+            *args, **flags, DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+            BLOCK_M=cfg["BLOCK_M"], BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=GROUP_M,
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+
+
+def _prepare(x, qweight, scale, zero_point, bias):
+    """Validate, flatten x to 2D and give every tensor the dtype the kernels read."""
+    n, k = qweight.shape
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"x must be fp16, bf16 or fp32; got {x.dtype}")
+    if qweight.dtype != torch.int8 or x.shape[-1] != k:
+        raise ValueError(f"expected an int8 (N, K) weight and x (..., K); got {qweight.dtype} "
+                         f"{tuple(qweight.shape)} and x {tuple(x.shape)}")
+    group = group_size_of(qweight, scale)
+    if group % 16:
+        raise ValueError(f"group_size {group} is not a multiple of 16, which the Triton kernels "
+                         "need (one scale per K tile); use int8_linear_ref")
+    if zero_point is not None:
+        if zero_point.shape != scale.shape:
+            raise ValueError("zero_point must have the scale's shape")
+        zero_point = zero_point.to(torch.int32).reshape(n, -1).contiguous()
+    if bias is not None:
+        bias = bias.to(torch.float32).contiguous()
+    scale = scale.to(torch.float32).reshape(n, -1).contiguous()
+    return x.reshape(-1, k), scale, zero_point, bias, group
+
+
+def int8_linear_triton(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
+                       zero_point: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+                       *, config: dict | None = None) -> torch.Tensor:
+    """W8A16 linear on Triton; the contract of `int8_linear_ref`.
+
+    The launch configuration comes from W8A16_CONFIGS for M's bucket, the fastest timed once per
+    shape on the GPU; `config` forces one (tests, benchmarks). Per-group scales need group_size
+    to be a multiple of 16. fp32 activations use full-precision (ieee) dots.
+    """
+    require_triton("int8_linear_triton")
+    x2, scale, zero_point, bias, group = _prepare(x, qweight, scale, zero_point, bias)
+    (m, k), n = x2.shape, qweight.shape[0]
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if m == 0 or n == 0:
+        return y.reshape(*x.shape[:-1], n)
+    bucket = m_bucket(m, W8A16_CONFIGS)
+    key = ("w8a16", bucket, n, k, x.dtype, group, zero_point is not None, bias is not None)
+    run = lambda cfg: _launch(x2, qweight, scale, zero_point, bias, y, group, cfg)  # noqa: E731
+    with on_device(x, _int8_gemv_kernel):
+        run(config or pick_config(key, W8A16_CONFIGS[bucket], run, x.device))
+    return y.reshape(*x.shape[:-1], n)

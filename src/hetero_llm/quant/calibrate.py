@@ -1,0 +1,99 @@
+"""Calibration for W8A8: per-input-channel activation maxima, SmoothQuant factors, outliers.
+
+A handful of tokenized text samples are run through the floating-point model
+once; a pre-forward hook on each linear to be quantized records max |x| per
+input channel. From those:
+  smoothing  s_j = max|x_j|^alpha / max|w_j|^(1 - alpha), and the layer computes
+             (x / s) (W s)^T: activation outliers move into the weight,
+             where per-output-channel scales absorb them (SmoothQuant).
+  outliers   the input channels whose smoothed activations are still largest
+             stay in floating point (LLM.int8()-style), if asked for.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..errors import InvalidOptionError
+
+# Channels whose activation or weight maximum is ~0 carry no signal: leave them unscaled.
+_EPS = 1e-5
+
+
+def calibration_batches(data: Any) -> list[dict[str, torch.Tensor]]:
+    """Normalize calibration_data to a list of model inputs ({"input_ids": (1|B, S), ...})."""
+    if isinstance(data, (torch.Tensor, Mapping)):
+        data = [data]
+    if isinstance(data, str) or not isinstance(data, Iterable):
+        raise InvalidOptionError(
+            "calibration_data must be token ids: a LongTensor (batch, seq), a list of them, or tokenizer "
+            "outputs (dicts with input_ids). Tokenize text first, e.g. "
+            "[tokenizer(t, return_tensors='pt') for t in texts].")
+    batches = []
+    for item in data:
+        if isinstance(item, torch.Tensor):
+            item = {"input_ids": item}
+        if not isinstance(item, Mapping) or "input_ids" not in item:
+            raise InvalidOptionError(
+                f"calibration_data holds a {type(item).__name__}; each sample must be a LongTensor of token ids "
+                "or a tokenizer output with input_ids. Tokenize text with the model's tokenizer first.")
+        ids = item["input_ids"]
+        if not isinstance(ids, torch.Tensor) or ids.dtype not in (torch.int32, torch.int64) or ids.numel() == 0:
+            raise InvalidOptionError("calibration input_ids must be a non-empty integer tensor of token ids.")
+        batch = {k: v for k, v in item.items() if k in ("input_ids", "attention_mask")}
+        batch["input_ids"] = ids if ids.dim() == 2 else ids.reshape(1, -1)
+        if "attention_mask" in batch and batch["attention_mask"].dim() == 1:
+            batch["attention_mask"] = batch["attention_mask"].reshape(1, -1)
+        batches.append(batch)
+    if not batches:
+        raise InvalidOptionError("calibration_data is empty; pass a few (8-32) tokenized text samples.")
+    return batches
+
+
+@torch.inference_mode()
+def activation_absmax(model: nn.Module, names: list[str], data: Any, *,
+                      progress: bool = True) -> dict[str, torch.Tensor]:
+    """max |x| per input channel (fp32, on CPU) seen by each named module over the samples."""
+    stats: dict[str, torch.Tensor] = {}
+
+    def hook_for(name: str):
+        def record(_module, args):
+            x = args[0].detach()
+            m = x.reshape(-1, x.shape[-1]).abs().amax(dim=0).float().cpu()
+            stats[name] = m if name not in stats else torch.maximum(stats[name], m)
+        return record
+
+    handles = [model.get_submodule(n).register_forward_pre_hook(hook_for(n)) for n in names]
+    device = next(model.parameters()).device
+    try:
+        for batch in tqdm(calibration_batches(data), desc="calibrating", unit="sample", disable=not progress):
+            model(**{k: v.to(device) for k, v in batch.items()}, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    missing = [n for n in names if n not in stats]
+    if missing:
+        raise InvalidOptionError(f"calibration never reached {missing[0]} ({len(missing)} modules in all); "
+                                 "the samples must run through the whole model.")
+    return stats
+
+
+def smoothing_factors(act_absmax: torch.Tensor, weight_absmax: torch.Tensor, alpha: float) -> torch.Tensor:
+    """SmoothQuant's s per input channel; the layer multiplies x by 1/s and W by s."""
+    a = act_absmax.float().clamp(min=_EPS)
+    w = weight_absmax.float().clamp(min=_EPS)
+    s = a.pow(alpha) / w.pow(1.0 - alpha)
+    dead = (act_absmax <= _EPS) | (weight_absmax <= _EPS)
+    return torch.where(dead | ~torch.isfinite(s), torch.ones_like(s), s).clamp(min=1e-4, max=1e4)
+
+
+def outlier_channels(smoothed_absmax: torch.Tensor, count: int) -> torch.Tensor | None:
+    """Indices (sorted) of the `count` input channels with the largest activations."""
+    if count <= 0:
+        return None
+    count = min(count, smoothed_absmax.numel())
+    return torch.topk(smoothed_absmax.float(), count).indices.sort().values

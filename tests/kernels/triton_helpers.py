@@ -1,0 +1,165 @@
+"""Run the Triton kernels in tests with or without a GPU, and compile them ahead of time for Hopper.
+
+Without CUDA the kernels run on CPU tensors under the Triton interpreter. Triton decides at
+*definition* time whether a function is interpreted: `triton.jit` returns an
+InterpretedFunction or a JITFunction according to TRITON_INTERPRET, and Triton's own library
+functions (tl.zeros, tl.sum, tl.cdiv, ...) are defined when `triton` is first imported. So the
+variable must be set before anything imports triton; setting it later, or only around the import
+of our kernel module, leaves tl.zeros compiled and the interpreter fails on it.
+
+- This module sets TRITON_INTERPRET=1 on import when there is no CUDA and triton is not yet
+  imported: running a kernel test file alone, the kernels then run in this process.
+- In a whole-suite run something imported triton earlier (transformers' model code loads
+  torch's compiler stack, which imports it), so the interpreter cannot start here. The kernel
+  tests then skip in this process and `run_file_in_fresh_process` runs the file again in a
+  child process whose first imports set the variable.
+- The compiler, conversely, needs triton imported *without* the interpreter. `aot_compile` runs
+  in a child process (`python triton_helpers.py`), builds PTX and a cubin for sm_90 with the
+  ptxas bundled in the Triton wheel (no GPU needed), and returns what the tests check.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+
+ON_GPU = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if ON_GPU else "cpu")
+HOPPER_SMEM_BYTES = 227 * 1024  # the most shared memory one block may use on sm_90
+TRITON = importlib.util.find_spec("triton") is not None
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _interpreter_ready() -> bool:
+    """Whether kernels defined from now on run on the interpreter; sets it up if still possible."""
+    if ON_GPU or not TRITON:
+        return False
+    if "triton" not in sys.modules:
+        os.environ["TRITON_INTERPRET"] = "1"  # before the first import of triton: see above
+        return True
+    from triton.language import standard  # imported already: is its library interpreted?
+    return type(standard.zeros).__name__ == "InterpretedFunction"
+
+
+INTERPRETED = _interpreter_ready() if __name__ != "__main__" else False  # the AOT child compiles
+KERNELS_RUN_HERE = TRITON and (ON_GPU or INTERPRETED)
+runs_kernels = pytest.mark.skipif(
+    not KERNELS_RUN_HERE,
+    reason="no Triton" if not TRITON else "triton was imported before the interpreter could be "
+    "enabled; test_kernels_in_a_fresh_process runs this file in a child process instead")
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
+
+
+def load_kernels(name: str):
+    """A private copy of hetero_llm.kernels.<name>, its kernels defined in this process's mode.
+
+    The package's own module may have been imported before the interpreter was enabled (its
+    kernels would then be compiled-only); a copy executed now is defined under the current mode.
+    """
+    key = f"hetero_llm.kernels._test_copy_{name}"
+    if key not in sys.modules:
+        origin = importlib.util.find_spec(f"hetero_llm.kernels.{name}").origin
+        spec = importlib.util.spec_from_file_location(key, origin)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[key] = module
+        spec.loader.exec_module(module)
+    return sys.modules[key]
+
+
+def run_file_in_fresh_process(path: str, timeout: float = 600) -> None:
+    """Run the kernel tests of one file under the interpreter in a child pytest; fail with its log."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", str(path),
+           "-k", "not fresh_process and not aot"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"child pytest failed:\n{proc.stdout[-6000:]}\n{proc.stderr[-3000:]}"
+    assert " passed" in proc.stdout, proc.stdout[-3000:]
+
+
+# -- ahead-of-time compilation (in a child process, without the interpreter) ------------------
+
+def aot_compile(specs: list[dict], timeout: float = 600) -> list[dict]:
+    """Compile each spec for sm_90 in one child process; returns one result per spec.
+
+    A spec: module (in hetero_llm.kernels), kernel (name), args (every parameter: "*fp16" style
+    strings for pointers, ints for scalars, any value for constexprs), num_warps, num_stages.
+    A result: shared (bytes), num_warps, ptx (text), sass (text, "" if cuobjdump is missing).
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        spec_file = Path(tmp) / "specs.json"
+        spec_file.write_text(json.dumps(specs))
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        proc = subprocess.run([sys.executable, __file__, str(spec_file), tmp], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=timeout)
+        assert proc.returncode == 0, f"AOT compile failed:\n{proc.stderr[-6000:]}"
+        results = json.loads((Path(tmp) / "results.json").read_text())
+        for r in results:
+            r["ptx"] = Path(r.pop("ptx_path")).read_text()
+            r["sass"] = Path(r.pop("sass_path")).read_text() if r["sass_path"] else ""
+    return results
+
+
+def _compile_one(spec: dict, out_dir: Path, index: int) -> dict:
+    """Child side: build the signature as a launch would (ints equal to 1 become constants,
+    multiples of 16 and pointers are marked 16-divisible) and compile for sm_90."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    kernel = getattr(importlib.import_module(f"hetero_llm.kernels.{spec['module']}"), spec["kernel"])
+    signature, constexprs, attrs = {}, {}, {}
+    for i, param in enumerate(kernel.params):
+        value = spec["args"][param.name]
+        if param.is_constexpr or (isinstance(value, int) and not isinstance(value, bool) and value == 1):
+            signature[param.name], constexprs[param.name] = "constexpr", value
+        elif isinstance(value, str) and value.startswith("*"):
+            signature[param.name], attrs[(i,)] = value, [["tt.divisibility", 16]]
+        else:
+            signature[param.name] = "i32"
+            if value % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                              options=dict(num_warps=spec["num_warps"], num_stages=spec["num_stages"]))
+    ptx_path = out_dir / f"{index}.ptx"
+    ptx_path.write_text(compiled.asm["ptx"])
+    return dict(shared=compiled.metadata.shared, num_warps=compiled.metadata.num_warps,
+                ptx_path=str(ptx_path), sass_path=_sass(compiled.asm["cubin"], out_dir, index))
+
+
+def _sass(cubin: bytes, out_dir: Path, index: int) -> str:
+    """Disassemble with the cuobjdump bundled in the Triton wheel; "" where it is missing."""
+    from triton import knobs
+
+    try:
+        tool = knobs.nvidia.cuobjdump.path
+    except Exception:  # noqa: BLE001 - older Triton: no knob; SASS is a bonus, PTX is checked
+        return ""
+    cubin_path, sass_path = out_dir / f"{index}.cubin", out_dir / f"{index}.sass"
+    cubin_path.write_bytes(cubin)
+    proc = subprocess.run([tool, "-sass", str(cubin_path)], capture_output=True, text=True)
+    if proc.returncode:
+        return ""
+    sass_path.write_text(proc.stdout)
+    return str(sass_path)
+
+
+def ptx_lines(ptx: str, *needles: str) -> list[str]:
+    """The lines of `ptx` (or SASS) that contain every one of `needles`."""
+    return [ln.strip() for ln in ptx.splitlines() if all(s in ln for s in needles)]
+
+
+if __name__ == "__main__":  # the AOT child: python triton_helpers.py SPECS.json OUT_DIR
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9's default; silences its warning
+    specs_path, out = Path(sys.argv[1]), Path(sys.argv[2])
+    results = [_compile_one(s, out, i) for i, s in enumerate(json.loads(specs_path.read_text()))]
+    (out / "results.json").write_text(json.dumps(results))
