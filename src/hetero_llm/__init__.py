@@ -13,9 +13,10 @@ from .errors import (AlreadyAcceleratedError, ForeignQuantizationError, Hardware
                      UnsupportedArchitectureError)
 from .hardware import Hardware, hardware_profile, inspect_hardware
 from .planner import Plan, PlanEntry
+from .serialize import load, save
 
 __all__ = [
-    "__version__", "accelerate", "plan", "inspect_hardware", "hardware_profile", "Hardware", "Plan",
+    "__version__", "accelerate", "plan", "save", "load", "inspect_hardware", "hardware_profile", "Hardware", "Plan",
     "PlanEntry", "QuantConfig", "PruneConfig", "KernelConfig", "PlacementConfig", "Options",
     "HeteroLLMError", "HeteroLLMWarning", "NotAModelError", "UnsupportedArchitectureError",
     "MetaDeviceError", "ForeignQuantizationError", "InvalidOptionError", "AlreadyAcceleratedError",

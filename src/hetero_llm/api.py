@@ -69,7 +69,7 @@ def plan(model: nn.Module, *, hardware: Hardware | str | None = None, strict: bo
     return make_plan(model, _resolve_hardware(hardware), Options.from_kwargs(**options), strict=strict)
 
 
-def _check_plan_matches(model: nn.Module, p: Plan) -> None:
+def check_plan_matches(model: nn.Module, p: Plan) -> None:
     """Names, types and sizes must match, and fused groups must be computable together."""
     names = dict(model.named_modules())
     sizes = {m.name: m.params for m in profile_model(model)}
@@ -150,7 +150,7 @@ def accelerate(model: nn.Module, *, plan: Plan | None = None, hardware: Hardware
     _prepare(model)
     chosen = plan if plan is not None else make_plan(model, _resolve_hardware(hardware),
                                                      Options.from_kwargs(**options), strict=strict)
-    _check_plan_matches(model, chosen)
+    check_plan_matches(model, chosen)
     check_quantizable(model, chosen)  # fail before the first change, not halfway
     act_absmax = _calibrate(model, chosen, calibration_data)
     replaced = list(quantize_pass(model, chosen, act_absmax))

@@ -8,10 +8,12 @@ from .._modules import replace_module
 from ..planner.plan import Plan, PlanEntry
 from .calibrate import outlier_channels, smoothing_factors
 from .embedding import Int8Embedding, TiedInt8Linear
+from .backends import BACKENDS, pick_backend
 from .modules import Int8Linear, linear_weight
 from .primitives import check_finite
 from .schemes import QuantSpec
 from .w8a8 import W8A8Linear
+from .w8a8 import pick_backend as w8a8_pick
 
 
 def _weight_of(module: nn.Module) -> torch.Tensor:
@@ -92,6 +94,52 @@ def quantize_pass(model: nn.Module, plan: Plan,
             new_embeddings[id(old.weight)] = new
         else:
             new = _quantize_linear(e, old, new_embeddings, w8a8)
+        replace_module(model, e.name, new)
+        swaps.append((e.name, type(old).__name__, type(new).__name__))
+    return swaps
+
+
+def _empty_module(e: PlanEntry, old: nn.Module, plan: Plan, new_embeddings: dict) -> nn.Module:
+    """The module quantize_pass would build, with the right shapes and no data (for load())."""
+    device = torch.device(plan.device)
+    meta = torch.device("meta")
+    if isinstance(old, nn.Embedding):
+        w = old.weight
+        new = Int8Embedding(w.shape[0], w.shape[1], dtype=w.dtype, padding_idx=old.padding_idx, device=meta)
+        factor = getattr(old, "embed_scale", None)
+        if factor is not None:
+            new.embed_scale = float(torch.as_tensor(factor).to(w.dtype))
+        new_embeddings[id(w)] = new
+        return new
+    w = linear_weight(old)
+    out_f, in_f = w.shape
+    has_bias = getattr(old, "bias", None) is not None
+    tied = new_embeddings.get(id(w)) if isinstance(old, nn.Linear) else None
+    if tied is not None and e.quant == "int8" and not has_bias:
+        return TiedInt8Linear(tied, e.kernel.split("+", 1)[0], device=device)
+    spec = QuantSpec.parse(e.quant)
+    backend = e.kernel.split("+", 1)[0]
+    if spec.activations:
+        q = plan.options["quantize"]
+        n_out = min(int(q.get("outlier_channels", 0)), in_f)
+        return W8A8Linear(in_f, out_f, bias=has_bias, n_outliers=n_out, smooth=q.get("smooth_alpha", 0) > 0,
+                          backend=w8a8_pick(in_f, device, backend), device=meta)
+    group = spec.group_size if spec.granularity == "group" else None
+    chosen = pick_backend(in_f, device, backend, group)
+    if not BACKENDS[chosen].supports(in_f, device, group):
+        chosen = "torch-dequant"
+    return Int8Linear(in_f, out_f, bias=has_bias, asymmetric=spec.asymmetric, backend=chosen, device=meta,
+                      group_size=group, scheme=e.quant)
+
+
+def empty_quantize_pass(model: nn.Module, plan: Plan) -> list[tuple[str, str, str]]:
+    """quantize_pass's module swaps without computing anything: load() fills them from a file."""
+    entries = plan.by_action("quantize")
+    originals = {e.name: model.get_submodule(e.name) for e in entries}
+    swaps, new_embeddings = [], {}
+    for e in sorted(entries, key=lambda e: not isinstance(originals[e.name], nn.Embedding)):
+        old = originals[e.name]
+        new = _empty_module(e, old, plan, new_embeddings)
         replace_module(model, e.name, new)
         swaps.append((e.name, type(old).__name__, type(new).__name__))
     return swaps

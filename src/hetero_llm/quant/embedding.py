@@ -86,12 +86,13 @@ class TiedInt8Linear(nn.Module):
     group_size = None
     scheme = "int8"
 
-    def __init__(self, embedding: Int8Embedding, backend: str = "auto") -> None:
+    def __init__(self, embedding: Int8Embedding, backend: str = "auto", device=None) -> None:
         super().__init__()
         self._embedding = [embedding]  # a list: not a child, so its buffers are saved once
         self.in_features, self.out_features = embedding.embedding_dim, embedding.num_embeddings
-        chosen = pick_backend(self.in_features, embedding.qweight.device, backend)
-        if not BACKENDS[chosen].supports(self.in_features, embedding.qweight.device):
+        device = torch.device(device) if device is not None else embedding.qweight.device
+        chosen = pick_backend(self.in_features, device, backend)
+        if not BACKENDS[chosen].supports(self.in_features, device):
             chosen = "torch-dequant"
         self.backend = chosen
         self._matmul = BACKENDS[chosen].matmul
