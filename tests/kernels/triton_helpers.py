@@ -8,11 +8,12 @@ variable must be set before anything imports triton; setting it later, or only a
 of our kernel module, leaves tl.zeros compiled and the interpreter fails on it.
 
 - This module sets TRITON_INTERPRET=1 on import when there is no CUDA and triton is not yet
-  imported: running a kernel test file alone, the kernels then run in this process.
-- In a whole-suite run something imported triton earlier (transformers' model code loads
-  torch's compiler stack, which imports it), so the interpreter cannot start here. The kernel
-  tests then skip in this process and `run_file_in_fresh_process` runs the file again in a
-  child process whose first imports set the variable.
+  imported, so test files import it first; the kernels then run in this process. (The variable
+  stays set for the rest of the process: without CUDA no Triton kernel could run otherwise.)
+- When something imported triton earlier (transformers' model code does, through torch's
+  compiler stack), the interpreter cannot start in this process. The kernel tests then skip
+  here and `run_file_in_fresh_process` runs the file again in a child process whose
+  environment sets the variable from the start.
 - The compiler, conversely, needs triton imported *without* the interpreter. `aot_compile` runs
   in a child process (`python triton_helpers.py`), builds PTX and a cubin for sm_90 with the
   ptxas bundled in the Triton wheel (no GPU needed), and returns what the tests check.
@@ -59,22 +60,6 @@ gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
 
 
-def load_kernels(name: str):
-    """A private copy of hetero_llm.kernels.<name>, its kernels defined in this process's mode.
-
-    The package's own module may have been imported before the interpreter was enabled (its
-    kernels would then be compiled-only); a copy executed now is defined under the current mode.
-    """
-    key = f"hetero_llm.kernels._test_copy_{name}"
-    if key not in sys.modules:
-        origin = importlib.util.find_spec(f"hetero_llm.kernels.{name}").origin
-        spec = importlib.util.spec_from_file_location(key, origin)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[key] = module
-        spec.loader.exec_module(module)
-    return sys.modules[key]
-
-
 def run_file_in_fresh_process(path: str, timeout: float = 600) -> None:
     """Run the kernel tests of one file under the interpreter in a child pytest; fail with its log."""
     env = dict(os.environ, TRITON_INTERPRET="1")
@@ -87,13 +72,25 @@ def run_file_in_fresh_process(path: str, timeout: float = 600) -> None:
 
 # -- ahead-of-time compilation (in a child process, without the interpreter) ------------------
 
-def aot_compile(specs: list[dict], timeout: float = 600) -> list[dict]:
-    """Compile each spec for sm_90 in one child process; returns one result per spec.
+_PTR_TYPES = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32",
+              torch.int8: "*i8", torch.int32: "*i32"}
 
-    A spec: module (in hetero_llm.kernels), kernel (name), args (every parameter: "*fp16" style
-    strings for pointers, ints for scalars, any value for constexprs), num_warps, num_stages.
-    A result: shared (bytes), num_warps, ptx (text), sass (text, "" if cuobjdump is missing).
-    """
+
+def aot_spec(module: str, call) -> dict:
+    """A JSON-able compile spec from a launcher's (kernel, grid, args, kwargs), built on meta
+    tensors: the AOT tests compile exactly the call the launcher would make."""
+    kernel, _grid, args, kwargs = call
+    kwargs = dict(kwargs)
+    spec = dict(module=module, kernel=kernel.__name__, num_warps=kwargs.pop("num_warps", 4),
+                num_stages=kwargs.pop("num_stages", 3))
+    values = {name: _PTR_TYPES[a.dtype] if isinstance(a, torch.Tensor) else a
+              for name, a in zip(kernel.arg_names, args)}
+    return dict(spec, args={**values, **kwargs})
+
+
+def aot_compile(specs: list[dict], timeout: float = 600) -> list[dict]:
+    """Compile each spec (see `aot_spec`) for sm_90 in one child process, one result per spec:
+    shared (bytes), num_warps, ptx (text), sass (text, "" where cuobjdump is missing)."""
     with tempfile.TemporaryDirectory() as tmp:
         spec_file = Path(tmp) / "specs.json"
         spec_file.write_text(json.dumps(specs))
@@ -103,8 +100,9 @@ def aot_compile(specs: list[dict], timeout: float = 600) -> list[dict]:
         assert proc.returncode == 0, f"AOT compile failed:\n{proc.stderr[-6000:]}"
         results = json.loads((Path(tmp) / "results.json").read_text())
         for r in results:
-            r["ptx"] = Path(r.pop("ptx_path")).read_text()
-            r["sass"] = Path(r.pop("sass_path")).read_text() if r["sass_path"] else ""
+            ptx_path, sass_path = r.pop("ptx_path"), r.pop("sass_path")
+            r["ptx"] = Path(ptx_path).read_text()
+            r["sass"] = Path(sass_path).read_text() if sass_path else ""
     return results
 
 
@@ -156,6 +154,18 @@ def _sass(cubin: bytes, out_dir: Path, index: int) -> str:
 def ptx_lines(ptx: str, *needles: str) -> list[str]:
     """The lines of `ptx` (or SASS) that contain every one of `needles`."""
     return [ln.strip() for ln in ptx.splitlines() if all(s in ln for s in needles)]
+
+
+def ptx_loops(ptx: str) -> list[list[str]]:
+    """The bodies of the PTX loops: the lines from a label to a later branch back to it."""
+    lines = ptx.splitlines()
+    labels = {ln.split(":")[0]: i for i, ln in enumerate(lines) if ln.startswith("$L__BB")}
+    loops = []
+    for i, ln in enumerate(lines):
+        target = ln.split("bra")[-1].strip(" \t;") if " bra" in ln or "\tbra" in ln else None
+        if target in labels and labels[target] < i:
+            loops.append([s.strip() for s in lines[labels[target]:i + 1]])
+    return loops
 
 
 if __name__ == "__main__":  # the AOT child: python triton_helpers.py SPECS.json OUT_DIR

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from .int8_linear import GROUP_M, m_bucket, on_device, pick_config, require_triton
+from .int8_linear import GROUP_M, grouped_tile, m_bucket, on_device, pick_config, require_triton
 
 try:
     import triton
@@ -30,8 +30,9 @@ TRITON_AVAILABLE = triton is not None
 QMAX = 127  # symmetric: -128 is never produced
 QUANT_MAX_K = 65536  # a whole row stays in registers (one pass); longer rows: use the reference
 
-# Keyed by the largest M each list serves (None: any larger M). Two or three operand tiles of
-# 32-48 KiB in flight; every config fits Hopper's 227 KiB of shared memory per block.
+# Keyed by the largest M each list serves (None: any larger M); the first of each list is the
+# one used where nothing is timed. BLOCK_K = 128 bytes of K per row (four k32 int8 MMA steps);
+# 3-4 pipeline stages of 16-48 KiB, at most 144 KiB of Hopper's 227 KiB per block (AOT-tested).
 W8A8_CONFIGS = {
     16: (dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=4),),
     64: (dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, num_warps=4, num_stages=4),
@@ -77,12 +78,7 @@ def _int8_gemm_kernel(a_ptr, b_ptr, as_ptr, bs_ptr, bias_ptr, c_ptr, M, N, K,
                       stride_am, stride_ak, stride_bn, stride_bk, stride_cm, stride_cn,
                       HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                       BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    pid = tl.program_id(0)
-    tiles_m, tiles_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
-    first_m = (pid // (GROUP_M * tiles_n)) * GROUP_M
-    group_rows = min(tiles_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % (GROUP_M * tiles_n)) % group_rows
-    pid_n = (pid % (GROUP_M * tiles_n)) // group_rows
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rows_m, rows_n = offs_m % M, offs_n % N  # wrapped; only the store is masked
@@ -153,9 +149,22 @@ def w8a8_linear_ref(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tenso
 
 # -- launchers ---------------------------------------------------------------------------------
 
+def _quantize_call(x2, smooth, xq, scale):
+    """(kernel, grid, args, kwargs) of the quantize launch on 2-D x: data, for the AOT tests."""
+    m, k = x2.shape
+    block_k = triton.next_power_of_2(k)
+    tile = max(block_k, 4096)  # rows per program: about 4096 elements, 32 per thread
+    block_m = min(tile // block_k, triton.next_power_of_2(m))
+    args = (x2, smooth if smooth is not None else scale, xq, scale, m, k,
+            x2.stride(0), x2.stride(1), xq.stride(0), xq.stride(1))
+    kwargs = dict(HAS_SMOOTH=smooth is not None, BLOCK_M=block_m, BLOCK_K=block_k,
+                  num_warps=max(1, min(32, tile // 1024)))
+    return _quantize_per_token_kernel, (triton.cdiv(m, block_m),), args, kwargs
+
+
 def quantize_per_token_triton(x: torch.Tensor, smooth: torch.Tensor | None = None):
     """`quantize_per_token_ref` in one Triton kernel; rows of up to QUANT_MAX_K elements."""
-    require_triton("quantize_per_token_triton")
+    require_triton("quantize_per_token_triton", TRITON_AVAILABLE)
     k = x.shape[-1]
     if k > QUANT_MAX_K:
         raise ValueError(f"rows of {k} > {QUANT_MAX_K} elements do not fit one pass; "
@@ -163,32 +172,31 @@ def quantize_per_token_triton(x: torch.Tensor, smooth: torch.Tensor | None = Non
     x2 = x.reshape(-1, k)
     m = x2.shape[0]
     xq = torch.empty((m, k), dtype=torch.int8, device=x.device)
-    scale = torch.empty((m, 1), dtype=torch.float32, device=x.device)
+    scale = torch.ones((m, 1), dtype=torch.float32, device=x.device)  # K == 0: scale 1
     if m and k:
-        block_k = triton.next_power_of_2(k)
-        tile = max(block_k, 4096)  # rows per program: about 4096 elements, 32 per thread
-        block_m = min(tile // block_k, triton.next_power_of_2(m))
-        sm = smooth.to(torch.float32).contiguous() if smooth is not None else scale
-        with on_device(x, _quantize_per_token_kernel):
-            _quantize_per_token_kernel[(triton.cdiv(m, block_m),)](
-                x2, sm, xq, scale, m, k, x2.stride(0), x2.stride(1), xq.stride(0), xq.stride(1),
-                HAS_SMOOTH=smooth is not None, BLOCK_M=block_m, BLOCK_K=block_k,
-                num_warps=max(1, min(32, tile // 1024)))
-    elif m:
-        scale.fill_(1.0)
+        smooth = smooth.to(torch.float32).contiguous() if smooth is not None else None
+        kernel, grid, args, kwargs = _quantize_call(x2, smooth, xq, scale)
+        with on_device(x, kernel):
+            kernel[grid](*args, **kwargs)
     return xq.reshape(x.shape), scale.reshape(*x.shape[:-1], 1)
 
 
-def _launch_gemm(xq, x_scale, qweight, w_scale, bias, out, cfg):
-    m, k = xq.shape
-    n = qweight.shape[0]
+def _gemm_call(xq, x_scale, qweight, w_scale, bias, out, cfg):
+    """(kernel, grid, args, kwargs) of the W8A8 GEMM launch: data, for the AOT tests."""
+    (m, k), n = xq.shape, qweight.shape[0]
     grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
-    _int8_gemm_kernel[grid](
-        xq, qweight, x_scale, w_scale, bias if bias is not None else w_scale, out, m, n, k,
-        xq.stride(0), xq.stride(1), qweight.stride(0), qweight.stride(1),
-        out.stride(0), out.stride(1), HAS_BIAS=bias is not None, BLOCK_M=cfg["BLOCK_M"],
-        BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=GROUP_M,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    args = (xq, qweight, x_scale, w_scale, bias if bias is not None else w_scale, out, m, n, k,
+            xq.stride(0), xq.stride(1), qweight.stride(0), qweight.stride(1),
+            out.stride(0), out.stride(1))
+    kwargs = dict(HAS_BIAS=bias is not None, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+                  BLOCK_K=cfg["BLOCK_K"], GROUP_M=GROUP_M, num_warps=cfg["num_warps"],
+                  num_stages=cfg["num_stages"])
+    return _int8_gemm_kernel, grid, args, kwargs
+
+
+def _launch_gemm(*call_args):
+    kernel, grid, args, kwargs = _gemm_call(*call_args)
+    kernel[grid](*args, **kwargs)
 
 
 def int8_gemm_triton(xq: torch.Tensor, x_scale: torch.Tensor, qweight: torch.Tensor,
@@ -200,7 +208,7 @@ def int8_gemm_triton(xq: torch.Tensor, x_scale: torch.Tensor, qweight: torch.Ten
     The configuration comes from W8A8_CONFIGS for M's bucket (timed once per shape on the GPU);
     `config` forces one.
     """
-    require_triton("int8_gemm_triton")
+    require_triton("int8_gemm_triton", TRITON_AVAILABLE)
     m, k = xq.shape
     n = qweight.shape[0]
     if xq.dtype != torch.int8 or qweight.dtype != torch.int8 or qweight.shape[1] != k:

@@ -6,8 +6,9 @@ group; optional int32 zero point of the scale's shape, so w = (q - zero_point) *
 Two Triton kernels, both accumulating in fp32:
 - `_int8_gemv_kernel` for decode (M <= 4): one row of x per program, BLOCK_N output
   channels over the whole of K ("wide N", no split-K, so one launch and a deterministic sum).
-  At batch 1 this is bandwidth-bound, so it streams the int8 weight with 16-byte loads and
-  keeps the per-weight work to a few full-rate instructions (see `_int8_to_f32`).
+  At batch 1 this is bandwidth-bound: the int8 weight is streamed with a prefetched tile in
+  flight, and the per-weight work is kept to a few full-rate instructions (`_int8_to_f32`,
+  and a register layout that needs no shared memory: see the kernel's comments).
 - `_int8_gemm_w8a16_kernel` for prefill: tl.dot tiles with the int8 tile dequantized to the
   activation dtype in registers. (q - zero_point) is an integer of at most 255 in magnitude,
   exact in fp16/bf16, so the dot is exact in its weight operand and the scale is applied to the
@@ -34,13 +35,14 @@ except ImportError:  # the references still work; the launchers say what is miss
 TRITON_AVAILABLE = triton is not None
 # Launch configurations, keyed by the largest M each list serves (None: any larger M). The
 # first entry of each list is the one used where nothing is timed (the interpreter).
-# M <= 4 (decode): the CUDA-core GEMV streams the weight with 32 weights per thread per tile
-# (4-8 KiB per load, two loads in flight per program); the tensor-core kernel with 16-row
-# tiles is a candidate too, so timing on the GPU picks whichever streams faster.
+# M <= 4 (decode): the CUDA-core GEMV streams the weight with 32-64 weights per thread per
+# tile (4-8 KiB per load, two loads in flight per program; BLOCK_K >= 256 * num_warps keeps
+# every warp along K, see the kernel); the tensor-core kernel with 16-row tiles is a candidate
+# too, so timing on the GPU picks whichever streams faster.
 W8A16_CONFIGS = {
-    4: (dict(kernel="gemv", BLOCK_N=8, BLOCK_K=512, num_warps=4),
-        dict(kernel="gemv", BLOCK_N=16, BLOCK_K=512, num_warps=8),
-        dict(kernel="gemv", BLOCK_N=4, BLOCK_K=1024, num_warps=4),
+    4: (dict(kernel="gemv", BLOCK_N=4, BLOCK_K=1024, num_warps=4),
+        dict(kernel="gemv", BLOCK_N=8, BLOCK_K=1024, num_warps=4),
+        dict(kernel="gemv", BLOCK_N=4, BLOCK_K=2048, num_warps=8),
         dict(kernel="mma", BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, num_warps=4, num_stages=4)),
     16: (dict(kernel="mma", BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, num_warps=4, num_stages=4),
          dict(kernel="mma", BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=4)),
@@ -66,11 +68,36 @@ def _int8_to_f32(q, zoff):
 
     0x4B000080 + q is the bit pattern of the float 2**23 + 128 + q (the mantissa holds the
     integer), so an integer add and a float subtract replace the int-to-float convert, which
-    runs at a quarter of the FMA rate and would bound the batch-1 GEMV. Exact: every value
-    involved is an integer below 2**24.
+    the CUDA throughput tables give at 16 results per clock per SM against 128 for an FMA: at
+    batch 1 it would cost as much as streaming the weight. Exact: every value is an integer
+    below 2**24.
     """
     bits = q.to(tl.int32) + 0x4B000080
     return bits.to(tl.float32, bitcast=True) - zoff
+
+
+@_jit
+def _spread_groups(t, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUPS: tl.constexpr):
+    """(BLOCK_N, GROUPS) -> (BLOCK_N, BLOCK_K): each group's value over its columns."""
+    t = tl.broadcast_to(t[:, :, None], (BLOCK_N, GROUPS, BLOCK_K // GROUPS))
+    return tl.reshape(t, (BLOCK_N, BLOCK_K))
+
+
+@_jit
+def _dequant_groups(q, s_ptr, zp_ptr, rows, k0, K, stride_sn, stride_sg,
+                    GROUP_SIZE: tl.constexpr, HAS_ZP: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_K: tl.constexpr, GROUPS: tl.constexpr):
+    """(q - zero_point) * scale in fp32 for a weight tile at column k0 that holds GROUPS whole
+    groups (or lies inside one): a few scales per row, spread over their columns in registers."""
+    gs = k0 // GROUP_SIZE + tl.arange(0, GROUPS)[None, :]
+    g_off = rows[:, None] * stride_sn + gs * stride_sg
+    g_ok = gs * GROUP_SIZE < K
+    zoff = tl.zeros((BLOCK_N, GROUPS), tl.float32) + 8388736.0  # see _int8_to_f32
+    if HAS_ZP:
+        zoff += tl.load(zp_ptr + g_off, mask=g_ok, other=0).to(tl.float32)
+    scale = tl.load(s_ptr + g_off, mask=g_ok, other=0.0)
+    w = _int8_to_f32(q, _spread_groups(zoff, BLOCK_N, BLOCK_K, GROUPS))
+    return w * _spread_groups(scale, BLOCK_N, BLOCK_K, GROUPS)
 
 
 @_jit
@@ -78,42 +105,40 @@ def _int8_gemv_kernel(x_ptr, w_ptr, s_ptr, zp_ptr, b_ptr, y_ptr, M, N, K,
                       stride_xm, stride_xk, stride_wn, stride_wk, stride_sn, stride_sg,
                       stride_ym, stride_yn,
                       GROUP_SIZE: tl.constexpr, HAS_ZP: tl.constexpr, HAS_BIAS: tl.constexpr,
-                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, VEC: tl.constexpr):
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUPS: tl.constexpr,
+                      VEC: tl.constexpr):
     # Rows of x vary fastest, so the programs sharing a weight tile run together and the
     # re-reads for M > 1 come from L2.
     pid = tl.program_id(0)
     m = pid % M
     offs_n = (pid // M) * BLOCK_N + tl.arange(0, BLOCK_N)
     rows = offs_n % N  # wrap instead of masking: loads stay unmasked along N, the store is masked
-    # x is read as a (BLOCK_N, BLOCK_K) tile (zero stride along N, served by L1) in the weight
-    # tile's register layout, so no shared memory or barrier is needed to combine them. Each
-    # load gets one layout from its vector width, so both are capped at VEC elements (16 bytes
-    # of x): without the cap the int8 tile takes 16 per thread, x 8, and every iteration pays a
-    # layout conversion through shared memory with two barriers.
-    offs_k = tl.max_contiguous(tl.arange(0, BLOCK_K), VEC)[None, :]
-    x_ptrs = x_ptr + m * stride_xm + (offs_k + 0 * rows[:, None]) * stride_xk
-    w_ptrs = w_ptr + rows[:, None] * stride_wn + offs_k * stride_wk
-    zoff = tl.zeros((BLOCK_N,), tl.float32) + 8388736.0
+    # Register layouts: each load takes its vector width from its contiguity, 16 bytes, which
+    # is 16 int8 but 8 bf16. Capping both at VEC (16 bytes of x) gives the weight tile and x the
+    # same split of K over threads; with BLOCK_K >= VEC * 32 * num_warps every warp lies along
+    # K, x's 1-D layout is then the weight tile's column slice, and x is loaded and converted
+    # once per thread for all its rows, with no shared-memory exchange (the AOT tests check).
+    offs_k = tl.max_contiguous(tl.arange(0, BLOCK_K), VEC)
+    x_ptrs = x_ptr + m * stride_xm + offs_k * stride_xk
+    w_ptrs = w_ptr + rows[:, None] * stride_wn + offs_k[None, :] * stride_wk
+    zoff = tl.zeros((BLOCK_N,), tl.float32) + 8388736.0  # see _int8_to_f32
     if HAS_ZP and GROUP_SIZE == 0:
         zoff += tl.load(zp_ptr + rows * stride_sn).to(tl.float32)
     acc = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)  # reduced over K once, after the loop
-    q_next = tl.load(w_ptrs, mask=offs_k < K, other=0)
+    q_next = tl.load(w_ptrs, mask=offs_k[None, :] < K, other=0)
     for k0 in range(0, K, BLOCK_K):
         # Prefetch the next weight tile before using this one: two tiles in flight per program
         # (the last prefetch is fully masked and reads nothing).
         q = q_next
         w_ptrs += BLOCK_K * stride_wk
-        q_next = tl.load(w_ptrs, mask=offs_k < K - k0 - BLOCK_K, other=0)
+        q_next = tl.load(w_ptrs, mask=offs_k[None, :] < K - k0 - BLOCK_K, other=0)
         x = tl.load(x_ptrs, mask=offs_k < K - k0, other=0.0).to(tl.float32)
-        if GROUP_SIZE > 0:  # the launcher makes BLOCK_K divide GROUP_SIZE: one group per tile
-            g_off = rows * stride_sn + (k0 // GROUP_SIZE) * stride_sg
-            z = zoff
-            if HAS_ZP:
-                z += tl.load(zp_ptr + g_off).to(tl.float32)
-            w = _int8_to_f32(q, z[:, None]) * tl.load(s_ptr + g_off)[:, None]
+        if GROUP_SIZE > 0:
+            w = _dequant_groups(q, s_ptr, zp_ptr, rows, k0, K, stride_sn, stride_sg,
+                                GROUP_SIZE, HAS_ZP, BLOCK_N, BLOCK_K, GROUPS)
         else:
             w = _int8_to_f32(q, zoff[:, None])
-        acc += x * w  # masked K: x is 0 there, so (0 - zp) adds nothing
+        acc += x[None, :] * w  # masked K: x is 0 there, so (0 - zp) adds nothing
         x_ptrs += BLOCK_K * stride_xk
     out = tl.sum(acc, axis=1)
     if GROUP_SIZE == 0:
@@ -125,18 +150,24 @@ def _int8_gemv_kernel(x_ptr, w_ptr, s_ptr, zp_ptr, b_ptr, y_ptr, M, N, K,
 
 
 @_jit
+def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(row tile, column tile) of program `pid`, GROUP_M row tiles at a time down each column
+    of tiles, so that consecutive programs share weight tiles while they are in L2."""
+    tiles_m, tiles_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+    first_m = (pid // (GROUP_M * tiles_n)) * GROUP_M
+    group_rows = min(tiles_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * tiles_n)) % group_rows
+    return pid_m, (pid % (GROUP_M * tiles_n)) // group_rows
+
+
+@_jit
 def _int8_gemm_w8a16_kernel(x_ptr, w_ptr, s_ptr, zp_ptr, b_ptr, y_ptr, M, N, K,
                             stride_xm, stride_xk, stride_wn, stride_wk, stride_sn, stride_sg,
                             stride_ym, stride_yn,
                             GROUP_SIZE: tl.constexpr, HAS_ZP: tl.constexpr, HAS_BIAS: tl.constexpr,
                             DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
                             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    pid = tl.program_id(0)
-    tiles_m, tiles_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
-    first_m = (pid // (GROUP_M * tiles_n)) * GROUP_M
-    group_rows = min(tiles_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % (GROUP_M * tiles_n)) % group_rows
-    pid_n = (pid % (GROUP_M * tiles_n)) // group_rows
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rows_m, rows_n = offs_m % M, offs_n % N  # wrapped; only the store is masked
@@ -224,17 +255,19 @@ def pick_config(key, candidates, launch, device: torch.device) -> dict:
     """The fastest of `candidates` for `key`, timed once per process (median, L2 flushed).
 
     Off the GPU (the interpreter) the first candidate is taken: timing it would mean nothing.
-    A candidate the chip cannot run (too much shared memory, say) is skipped.
+    A candidate the chip cannot run (too much shared memory, say) is skipped. Timing
+    synchronizes, so make the first call for a shape outside CUDA-graph capture (a warm-up).
     """
     if key in _BEST:
         return _BEST[key]
     best, errors = candidates[0], []
     if len(candidates) > 1 and device.type == "cuda":
+        from triton.testing import do_bench
+
         times = []
         for cfg in candidates:
             try:
-                times.append(triton.testing.do_bench(lambda: launch(cfg), warmup=5, rep=25,
-                                                     return_mode="median"))
+                times.append(do_bench(lambda: launch(cfg), warmup=5, rep=25, return_mode="median"))
             except Exception as e:  # noqa: BLE001 - one unrunnable config must not stop the rest
                 errors.append(e)
                 times.append(math.inf)
@@ -245,9 +278,9 @@ def pick_config(key, candidates, launch, device: torch.device) -> dict:
     return best
 
 
-def require_triton(what: str) -> None:
-    """Raise a typed, actionable error when Triton cannot be imported."""
-    if not TRITON_AVAILABLE:
+def require_triton(what: str, available: bool) -> None:
+    """Raise a typed, actionable error when Triton could not be imported."""
+    if not available:
         raise HardwareError(f"{what} needs Triton, which is not importable here. Install it "
                             "(pip install triton, Linux only) or call the torch reference instead.")
 
@@ -275,11 +308,14 @@ def _pow2_factor(n: int) -> int:
     return n & -n
 
 
-def _launch(x, qweight, scale, zero_point, bias, y, group, cfg):
-    """Launch the kernel `cfg` names on 2-D x and y; both kernels share their leading arguments."""
+def _kernel_call(x, qweight, scale, zero_point, bias, y, group, cfg):
+    """(kernel, grid, args, kwargs) of the launch `cfg` names, for 2-D x and y: data, so the
+    tests can compile exactly this call ahead of time. Both kernels share their arguments."""
     (m, k), n = x.shape, qweight.shape[0]
-    block_n, block_k = cfg["BLOCK_N"], cfg["BLOCK_K"]
-    if group and block_k > _pow2_factor(group):  # one scale per K tile: BLOCK_K divides the group
+    block_n, block_k, groups = cfg["BLOCK_N"], cfg["BLOCK_K"], 1
+    if group and cfg["kernel"] == "gemv" and block_k % group == 0:
+        groups = block_k // group  # whole groups per tile, their scales spread in registers
+    elif group and block_k > _pow2_factor(group):  # else one group must hold each K tile
         shrink = block_k // _pow2_factor(group)
         block_k //= shrink
         block_n *= shrink if cfg["kernel"] == "gemv" else 1  # the GEMV keeps its tile's bytes
@@ -287,17 +323,20 @@ def _launch(x, qweight, scale, zero_point, bias, y, group, cfg):
             bias if bias is not None else scale, y, m, n, k, x.stride(0), x.stride(1),
             qweight.stride(0), qweight.stride(1), scale.stride(0), scale.stride(1),
             y.stride(0), y.stride(1))
-    flags = dict(GROUP_SIZE=group, HAS_ZP=zero_point is not None, HAS_BIAS=bias is not None)
+    kwargs = dict(GROUP_SIZE=group, HAS_ZP=zero_point is not None, HAS_BIAS=bias is not None,
+                  BLOCK_N=block_n, BLOCK_K=block_k, num_warps=cfg["num_warps"])
     if cfg["kernel"] == "gemv":
-        _int8_gemv_kernel[(triton.cdiv(n, block_n) * m,)](
-            *args, **flags, BLOCK_N=block_n, BLOCK_K=block_k, VEC=16 // x.element_size(),
-            num_warps=cfg["num_warps"])
-    else:
-        grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, block_n),)
-        _int8_gemm_w8a16_kernel[grid](
-            *args, **flags, DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-            BLOCK_M=cfg["BLOCK_M"], BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=GROUP_M,
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        return (_int8_gemv_kernel, (triton.cdiv(n, block_n) * m,), args,
+                dict(kwargs, GROUPS=groups, VEC=16 // x.element_size()))
+    kwargs.update(DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+                  BLOCK_M=cfg["BLOCK_M"], GROUP_M=GROUP_M, num_stages=cfg["num_stages"])
+    grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, block_n),)
+    return _int8_gemm_w8a16_kernel, grid, args, kwargs
+
+
+def _launch(*call_args):
+    kernel, grid, args, kwargs = _kernel_call(*call_args)
+    kernel[grid](*args, **kwargs)
 
 
 def _prepare(x, qweight, scale, zero_point, bias):
@@ -331,7 +370,7 @@ def int8_linear_triton(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tens
     shape on the GPU; `config` forces one (tests, benchmarks). Per-group scales need group_size
     to be a multiple of 16. fp32 activations use full-precision (ieee) dots.
     """
-    require_triton("int8_linear_triton")
+    require_triton("int8_linear_triton", TRITON_AVAILABLE)
     x2, scale, zero_point, bias, group = _prepare(x, qweight, scale, zero_point, bias)
     (m, k), n = x2.shape, qweight.shape[0]
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)

@@ -43,13 +43,16 @@ def choose_scheme(options: Options, device: str) -> tuple[str, str]:
     return scheme, f"quantize={scheme!r} was asked for"
 
 
-def _linear_kernel(p: ModuleProfile, device: str, options: Options, spec: QuantSpec) -> tuple[str, str]:
-    """(kernel, note) for a quantized linear."""
+def _linear_kernel(p: ModuleProfile, device: str, options: Options, spec: QuantSpec,
+                   triton_gpu: bool = False) -> tuple[str, str]:
+    """(kernel, note) for a quantized linear. `triton_gpu`: the plan's hardware compiles Triton for its GPU."""
     import torch  # local: keeps planning importable without touching devices
     dev = torch.device(device)
     if spec.activations:
         if options.kernels.backend != "torch" and W8A8_BACKENDS["cpu-intmm"].supports(p.in_features, dev):
             return "cpu-intmm", ""
+        if options.kernels.backend != "torch" and device == "cuda" and triton_gpu:
+            return "triton-w8a8", "Triton per-token quantize + INT8 tensor-core GEMM"
         return "torch-w8a8", "reference W8A8 path (quantize per token, exact integer matmul in fp64)"
     if options.kernels.backend == "torch":
         return "torch-dequant", "kernels='torch': reference INT8 path"
@@ -62,7 +65,9 @@ def _linear_kernel(p: ModuleProfile, device: str, options: Options, spec: QuantS
         return "torch-dequant", f"in_features={p.in_features} is not a multiple of 16: reference INT8 path"
     if device == "cpu":
         return "torch-dequant", "this torch build has no usable int8 GEMV kernel: reference INT8 path"
-    return "torch-dequant", "GPU runs the reference INT8 path (dequantize, then matmul)"
+    if triton_gpu and (group is None or group % 16 == 0):
+        return "triton-int8", "Triton INT8 GEMV (decode) / tensor-core GEMM (prefill)"
+    return "torch-dequant", "no Triton here: reference INT8 path (dequantize, then matmul)"
 
 
 def _linear_spec(p: ModuleProfile, options: Options, scheme: str, tied_lm_head: bool) -> tuple[QuantSpec, str]:
@@ -80,7 +85,7 @@ def _linear_spec(p: ModuleProfile, options: Options, scheme: str, tied_lm_head: 
 
 
 def _plan_linear(p: ModuleProfile, device: str, options: Options, scheme: str, why: str,
-                 roof: cost.Roofline, tied_lm_head: bool) -> PlanEntry:
+                 roof: cost.Roofline, tied_lm_head: bool, triton_gpu: bool = False) -> PlanEntry:
     before = cost.linear_us(p, roof, "torch", _BYTES.get(p.dtype, 4))
     base = PlanEntry(p.name, p.module_type, p.role, "keep", device, "torch", reason=why,
                      params=p.params, decode_us_before=before, decode_us_after=before)
@@ -91,7 +96,7 @@ def _plan_linear(p: ModuleProfile, device: str, options: Options, scheme: str, w
     if p.dtype == "int8":
         return replace(base, reason="already INT8")
     spec, spec_note = _linear_spec(p, options, scheme, tied_lm_head)
-    kernel, note = _linear_kernel(p, device, options, spec)
+    kernel, note = _linear_kernel(p, device, options, spec, triton_gpu)
     after = cost.linear_us(p, roof, kernel, 1.0)
     reason = "; ".join(r for r in (why if not spec_note else spec.describe(), spec_note, note) if r)
     if p.role == "lm_head" and tied_lm_head and not options.quantize.embeddings:
@@ -179,7 +184,8 @@ def _prediction(entries: dict[str, PlanEntry], profiles: list[ModuleProfile], ti
             per_row = 4 * groups * (2 if spec.asymmetric else 1) + (4 if p.has_bias else 0)
             # int8 weight + fp32 scales (+ int32 zero points, fp32 bias); an untied copy when not shared
             w_after += p.params + per_row * max(p.out_features, 1)
-        elif p.name not in tied:
+        elif p.name not in tied or (shares_embedding and p.role == "lm_head"):
+            # a kept lm_head tied to an embedding that became INT8 holds the float table alone
             w_after += p.weight_bytes
     return Prediction(before / 1e3, after / 1e3, w_before / 2**20, w_after / 2**20)
 
@@ -206,10 +212,13 @@ def make_plan(model: nn.Module, hardware: Hardware, options: Options, *, strict:
     roof = cost.roofline(hardware, device)
     scheme, why = choose_scheme(options, device)
     tied = _tied(model)
+    # Named GPU profiles describe machines with Triton; an inspected machine says itself.
+    triton_gpu = device == "cuda" and (hardware.triton is None or hardware.triton.can_run_gpu_kernels
+                                       or not hardware.triton.available)
     entries: dict[str, PlanEntry] = {}
     for p in profiles:
         if p.kind == "linear":
-            entries[p.name] = _plan_linear(p, device, options, scheme, why, roof, p.name in tied)
+            entries[p.name] = _plan_linear(p, device, options, scheme, why, roof, p.name in tied, triton_gpu)
         else:
             entries[p.name] = _plan_other(p, device, spec, options, roof, scheme)
     fusions = _fusions(entries, role_map.fusion_groups if role_map else [], options, roof)

@@ -83,7 +83,25 @@ class CpuInt8Pack:
         return y
 
 
-BACKENDS = {b.name: b for b in (CpuInt8Pack(), TorchReference())}
+class TritonInt8:
+    """CUDA: hetero_llm's Triton W8A16 kernels (a GEMV for decode, tensor-core tiles for prefill).
+
+    Per-channel or per-group scales (group a multiple of 16), optional zero point.
+    """
+
+    name = "triton-int8"
+
+    def supports(self, in_features: int, device: torch.device, group_size: int | None = None) -> bool:
+        from ..kernels.int8_linear import TRITON_AVAILABLE
+        return (device.type == "cuda" and TRITON_AVAILABLE and torch.cuda.is_available()
+                and (group_size is None or group_size % 16 == 0))
+
+    def matmul(self, x2d: torch.Tensor, layer) -> torch.Tensor:
+        from ..kernels.int8_linear import int8_linear_triton
+        return int8_linear_triton(x2d, layer.qweight, layer.scale, layer.zero_point)
+
+
+BACKENDS = {b.name: b for b in (CpuInt8Pack(), TritonInt8(), TorchReference())}
 
 
 def pick_backend(in_features: int, device: torch.device, preferred: str = "auto",
@@ -91,7 +109,7 @@ def pick_backend(in_features: int, device: torch.device, preferred: str = "auto"
     """The fastest backend that supports this layer on this device."""
     if preferred != "auto":
         return preferred
-    for name in ("cpu-int8pack", "torch-dequant"):
+    for name in ("cpu-int8pack", "triton-int8", "torch-dequant"):
         if BACKENDS[name].supports(in_features, device, group_size):
             return name
     return "torch-dequant"

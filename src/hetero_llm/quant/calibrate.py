@@ -43,7 +43,10 @@ def calibration_batches(data: Any) -> list[dict[str, torch.Tensor]]:
                 "or a tokenizer output with input_ids. Tokenize text with the model's tokenizer first.")
         ids = item["input_ids"]
         if not isinstance(ids, torch.Tensor) or ids.dtype not in (torch.int32, torch.int64) or ids.numel() == 0:
-            raise InvalidOptionError("calibration input_ids must be a non-empty integer tensor of token ids.")
+            raise InvalidOptionError(
+                f"calibration input_ids must be a non-empty integer tensor of token ids, got "
+                f"{getattr(ids, 'dtype', type(ids).__name__)}. Tokenize text with the model's tokenizer and "
+                "return_tensors='pt', e.g. tokenizer(t, return_tensors='pt').")
         batch = {k: v for k, v in item.items() if k in ("input_ids", "attention_mask")}
         batch["input_ids"] = ids if ids.dim() == 2 else ids.reshape(1, -1)
         if "attention_mask" in batch and batch["attention_mask"].dim() == 1:

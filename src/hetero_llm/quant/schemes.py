@@ -25,16 +25,17 @@ class QuantSpec:
     def parse(cls, text: str) -> "QuantSpec":
         if text == "w8a8":
             return cls(activations=True)
-        base, _, detail = text.partition(":")
+        base, colon, detail = text.partition(":")
         if base not in ("int8", "int8-asym"):
             raise InvalidOptionError(f"unknown quantization {text!r}; expected int8, int8-asym (optionally "
                                      "with :g<size> or :tensor) or w8a8")
         asym = base == "int8-asym"
-        if not detail:
+        if not colon:
             return cls(asymmetric=asym)
         if detail == "tensor":
             return cls(asymmetric=asym, granularity="tensor")
-        if detail.startswith("g") and detail[1:].isdigit() and int(detail[1:]) > 0:
+        size = detail[1:]
+        if detail.startswith("g") and size.isascii() and size.isdigit() and int(size) > 0:
             return cls(asymmetric=asym, granularity="group", group_size=int(detail[1:]))
         raise InvalidOptionError(f"unknown granularity {detail!r} in {text!r}; use :g<size> or :tensor")
 

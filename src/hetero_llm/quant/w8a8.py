@@ -59,20 +59,36 @@ class CpuIntMM:
     name = "cpu-intmm"
 
     def supports(self, in_features: int, device: torch.device) -> bool:
-        return device.type == "cpu" and int_mm_available()
+        # torch._int_mm on CPU returns uninitialized memory for K = 1 (torch 2.13): reference path.
+        return device.type == "cpu" and in_features > 1 and int_mm_available()
 
     def matmul(self, x2d: torch.Tensor, layer: "W8A8Linear") -> torch.Tensor:
         q, s = _quantize_rows(x2d.float())
         return torch._int_mm(q, layer.qweight_t).mul(s).mul_(layer.scale)
 
 
-BACKENDS = {b.name: b for b in (CpuIntMM(), TorchW8A8())}
+class TritonW8A8:
+    """CUDA: Triton per-token quantize kernel, then the INT8 tensor-core GEMM (int32 accumulation)."""
+
+    name = "triton-w8a8"
+
+    def supports(self, in_features: int, device: torch.device) -> bool:
+        from ..kernels.int8_gemm import TRITON_AVAILABLE
+        return device.type == "cuda" and TRITON_AVAILABLE and torch.cuda.is_available()
+
+    def matmul(self, x2d: torch.Tensor, layer: "W8A8Linear") -> torch.Tensor:
+        from ..kernels.int8_gemm import int8_gemm_triton, quantize_per_token_triton
+        xq, xs = quantize_per_token_triton(x2d)
+        return int8_gemm_triton(xq, xs, layer.qweight, layer.scale, out_dtype=torch.float32)
+
+
+BACKENDS = {b.name: b for b in (CpuIntMM(), TritonW8A8(), TorchW8A8())}
 
 
 def pick_backend(in_features: int, device: torch.device, preferred: str = "auto") -> str:
     if preferred in BACKENDS and BACKENDS[preferred].supports(in_features, device):
         return preferred
-    for name in ("cpu-intmm", "torch-w8a8"):
+    for name in ("cpu-intmm", "triton-w8a8", "torch-w8a8"):
         if BACKENDS[name].supports(in_features, device):
             return name
     return "torch-w8a8"
@@ -166,7 +182,7 @@ class W8A8Linear(nn.Module):
         if self.outlier_index is not None:
             kept = x2.index_select(1, self.outlier_index).float()
             y = self._matmul(x2.index_fill(1, self.outlier_index, 0.0), self)
-            y = y.addmm_(kept, self.outlier_weight.T)
+            y = torch.addmm(y.float(), kept, self.outlier_weight.T)
         else:
             y = self._matmul(x2, self)
         if self.bias is not None:
