@@ -1,6 +1,7 @@
 """The planner's decisions: per device, per option, per architecture; meta models; speed."""
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import pytest
@@ -9,6 +10,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
 
 import hetero_llm
 from hetero_llm import HardwareError, KernelConfig, Options, QuantConfig, hardware_profile
+from hetero_llm.hardware import TritonInfo
 from hetero_llm.quant.backends import int8pack_available
 from tiny_shapes import TINY_SHAPES
 
@@ -113,10 +115,15 @@ def linears_quantized(p) -> list:
     return [e for e in p.by_action("quantize") if e.role != "embed"]
 
 
-def test_explicit_int8_on_gpu_uses_reference_kernel():
+def test_explicit_int8_on_gpu_uses_triton_kernels_where_triton_runs():
     p = hetero_llm.plan(build("llama"), hardware="h100-80gb", quantize="int8")
     q = linears_quantized(p)
-    assert q and all(base_kernel(e) == "torch-dequant" for e in q)
+    assert q and all(base_kernel(e) == "triton-int8" for e in q)
+    w = hetero_llm.plan(build("llama"), hardware="h100-80gb", quantize=QuantConfig(scheme="w8a8", smooth_alpha=0))
+    assert {base_kernel(e) for e in linears_quantized(w)} == {"triton-w8a8", "triton-int8"}  # lm_head weight-only
+    no_triton = dataclasses.replace(hardware_profile("h100-80gb"), triton=TritonInfo(False, None, False))
+    r = hetero_llm.plan(build("llama"), hardware=no_triton, quantize="int8")
+    assert all(base_kernel(e) == "torch-dequant" and "no Triton" in e.reason for e in linears_quantized(r))
 
 
 def test_device_option_overrides_hardware_default():

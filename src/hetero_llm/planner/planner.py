@@ -212,9 +212,8 @@ def make_plan(model: nn.Module, hardware: Hardware, options: Options, *, strict:
     roof = cost.roofline(hardware, device)
     scheme, why = choose_scheme(options, device)
     tied = _tied(model)
-    # Named GPU profiles describe machines with Triton; an inspected machine says itself.
-    triton_gpu = device == "cuda" and (hardware.triton is None or hardware.triton.can_run_gpu_kernels
-                                       or not hardware.triton.available)
+    # GPU profiles describe machines with Triton; an inspected machine reports its own.
+    triton_gpu = device == "cuda" and hardware.triton.can_run_gpu_kernels
     entries: dict[str, PlanEntry] = {}
     for p in profiles:
         if p.kind == "linear":
