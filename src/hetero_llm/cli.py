@@ -12,7 +12,9 @@ BENCH_OUT = "hetero_llm_results"
 
 
 def _add_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--quantize", default="auto", help="auto | int8 | int8-asym | none (default: auto)")
+    p.add_argument("--quantize", default="auto",
+                   help="auto | int8 | int8-asym | w8a8 | none (default: auto); w8a8 calibrates on 16 samples "
+                        "of the bundled text that the perplexity text does not include")
     p.add_argument("--kernels", default="auto", help="auto | torch (default: auto)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
     p.add_argument("--no-strict", action="store_true",
@@ -21,6 +23,14 @@ def _add_options(p: argparse.ArgumentParser) -> None:
 
 def _options(args) -> dict:
     return dict(quantize=args.quantize, kernels=args.kernels, device=args.device)
+
+
+def _calibration(args, tokenizer):
+    """W8A8 needs calibration samples; the other schemes take none."""
+    if str(args.quantize).strip().lower() != "w8a8":
+        return None
+    from .evaluate.perplexity import calibration_samples
+    return calibration_samples(tokenizer, n=16, seq_len=256)
 
 
 def _meta_model(path: Path):
@@ -61,7 +71,8 @@ def _variants(args):
     from .api import accelerate
     from .evaluate import load_model, torch_dynamic_int8
     original, tokenizer = load_model(args.model)
-    accelerated = accelerate(load_model(args.model)[0], strict=not args.no_strict, **_options(args))
+    accelerated = accelerate(load_model(args.model)[0], strict=not args.no_strict,
+                             calibration_data=_calibration(args, tokenizer), **_options(args))
     variants = {"original": original, "hetero_llm": accelerated}
     if not args.no_peer:
         variants["torch-dynamic-int8"] = torch_dynamic_int8(load_model(args.model)[0])
@@ -102,7 +113,8 @@ def cmd_eval(args) -> int:
     text = Path(args.text).read_text() if args.text else None
     original, tokenizer = load_model(args.model)
     models = {"original": original,
-              "hetero_llm": accelerate(load_model(args.model)[0], strict=not args.no_strict, **_options(args))}
+              "hetero_llm": accelerate(load_model(args.model)[0], strict=not args.no_strict,
+                                       calibration_data=_calibration(args, tokenizer), **_options(args))}
     if args.peer:
         models["torch-dynamic-int8"] = torch_dynamic_int8(load_model(args.model)[0])
     results = {name: perplexity(m, tokenizer, text, max_tokens=args.max_tokens or None, window=args.window,
