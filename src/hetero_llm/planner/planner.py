@@ -98,7 +98,11 @@ def _plan_linear(p: ModuleProfile, device: str, options: Options, scheme: str, w
     spec, spec_note = _linear_spec(p, options, scheme, tied_lm_head)
     kernel, note = _linear_kernel(p, device, options, spec, triton_gpu)
     after = cost.linear_us(p, roof, kernel, 1.0)
-    reason = "; ".join(r for r in (why if not spec_note else spec.describe(), spec_note, note) if r)
+    # The scheme's own reason, unless this layer differs from it; then what it got and why.
+    head = spec.describe() if spec_note else why
+    if not spec_note and (spec.granularity != "channel" or spec.activations):
+        head = f"{why}; {spec.describe()}"
+    reason = "; ".join(r for r in (head, spec_note, note) if r)
     if p.role == "lm_head" and tied_lm_head and not options.quantize.embeddings:
         reason += "; tied to the embedding, which keeps its floating-point copy for lookups"
     return replace(base, action="quantize", kernel=kernel, quant=str(spec), reason=reason, decode_us_after=after)
