@@ -104,6 +104,25 @@ class TritonInt8:
 BACKENDS = {b.name: b for b in (CpuInt8Pack(), TritonInt8(), TorchReference())}
 
 
+class BackendSlot:
+    """Mixin: a module's `backend` name and the strategy's matmul, bound once.
+
+    Decode calls the matmul ~200 times a token, so the lookup happens when the
+    backend is set, not on every call. Subclasses name their registry.
+    """
+
+    BACKEND_REGISTRY: dict = {}
+
+    @property
+    def backend(self) -> str:
+        return self._backend
+
+    @backend.setter
+    def backend(self, name: str) -> None:
+        self._backend = name
+        self._matmul = self.BACKEND_REGISTRY[name].matmul
+
+
 def pick_backend(in_features: int, device: torch.device, preferred: str = "auto",
                  group_size: int | None = None) -> str:
     """The fastest backend that supports this layer on this device."""

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backends import BACKENDS, pick_backend
+from .backends import BACKENDS, BackendSlot, pick_backend
 from .primitives import QuantizedWeight, dequantize, quantize_symmetric
 
 
@@ -77,9 +77,10 @@ class Int8Embedding(nn.Module):
         return f"{self.num_embeddings}, {self.embedding_dim}, int8 per row, dtype={self.dtype}{extra}"
 
 
-class TiedInt8Linear(nn.Module):
+class TiedInt8Linear(BackendSlot, nn.Module):
     """An lm_head whose weight is the INT8 embedding's (weights tied)."""
 
+    BACKEND_REGISTRY = BACKENDS
     bias = None
     zero_point = None
     zero_scale = None
@@ -95,7 +96,6 @@ class TiedInt8Linear(nn.Module):
         if not BACKENDS[chosen].supports(self.in_features, device):
             chosen = "torch-dequant"
         self.backend = chosen
-        self._matmul = BACKENDS[chosen].matmul
 
     @property
     def embedding(self) -> Int8Embedding:

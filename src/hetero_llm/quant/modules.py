@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .backends import BACKENDS, pick_backend
+from .backends import BACKENDS, BackendSlot, pick_backend
 from .primitives import QuantizedWeight, dequantize, quantize_weight
 from .schemes import QuantSpec
 
@@ -22,13 +22,15 @@ def is_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or (type(module).__name__ == "Conv1D" and hasattr(module, "nf"))
 
 
-class Int8Linear(nn.Module):
+class Int8Linear(BackendSlot, nn.Module):
     """y = x W^T + b with W held as INT8 plus per-output-channel fp32 scales.
 
     The integer weight is what is stored and read at run time (no fake
     quantization). `backend` names the strategy in quant.backends that
     computes the matmul; the torch reference always works.
     """
+
+    BACKEND_REGISTRY = BACKENDS
 
     def __init__(self, in_features: int, out_features: int, *, bias: bool, asymmetric: bool,
                  backend: str = "torch-dequant", device=None, group_size: int | None = None,
@@ -106,15 +108,6 @@ class Int8Linear(nn.Module):
         self.bias = None if bias is None else bias.to(self.bias.device)
         self._refresh()
         return result
-
-    @property
-    def backend(self) -> str:
-        return self._backend
-
-    @backend.setter
-    def backend(self, name: str) -> None:
-        self._backend = name
-        self._matmul = BACKENDS[name].matmul  # bound once: decode calls this ~200 times a token
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self._matmul(x.reshape(-1, self.in_features), self)

@@ -12,6 +12,7 @@ import functools
 import torch
 from torch import nn
 
+from .backends import BackendSlot
 from .primitives import QuantizedWeight, dequantize, quantize_per_token, quantize_weight
 
 _TINY = torch.finfo(torch.float32).tiny
@@ -94,7 +95,7 @@ def pick_backend(in_features: int, device: torch.device, preferred: str = "auto"
     return "torch-w8a8"
 
 
-class W8A8Linear(nn.Module):
+class W8A8Linear(BackendSlot, nn.Module):
     """Linear with INT8 per-channel weights and INT8 per-token activations.
 
     Buffers (all saved): qweight (out, in) int8, scale (out,) fp32, bias,
@@ -104,6 +105,7 @@ class W8A8Linear(nn.Module):
     """
 
     scheme = "w8a8"
+    BACKEND_REGISTRY = BACKENDS
 
     def __init__(self, in_features: int, out_features: int, *, bias: bool, n_outliers: int = 0,
                  smooth: bool = False, backend: str = "torch-w8a8", device=None) -> None:
@@ -118,15 +120,6 @@ class W8A8Linear(nn.Module):
         self.register_buffer("outlier_weight", torch.zeros(out_features, n_outliers, device=device)
                              if n_outliers else None)
         self.backend = backend
-
-    @property
-    def backend(self) -> str:
-        return self._backend
-
-    @backend.setter
-    def backend(self, name: str) -> None:
-        self._backend = name
-        self._matmul = BACKENDS[name].matmul
 
     @property
     def qweight_t(self) -> torch.Tensor:
