@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import hetero_llm
+from hetero_llm import QuantConfig
 from hetero_llm.evaluate import load_model, perplexity
 from hetero_llm.kernels.modules import GatedMLP, RotaryAttention
 from hetero_llm.quant import Int8Linear
@@ -69,3 +70,42 @@ def test_second_load_hits_the_cache():
     start = time.perf_counter()
     load_model("smollm2")
     assert time.perf_counter() - start < 10
+
+
+# Perplexity bound per scheme on the real model (2048 tokens), as a fraction over fp32.
+# Measured on 8192 tokens (docs/quantization.md): int8 +0.11%, int8-asym +0.64%, int8 g128
+# +0.09%, w8a8 smooth 0.5 +0.92%, w8a8 smooth 0.5 + 8 fp channels +0.47%. The bounds are
+# the targets: +1% for weight-only, +3% for W8A8.
+SCHEME_PPL_BOUND = {
+    "int8-asym": (QuantConfig(scheme="int8-asym"), 0.01),
+    "int8-g128": (QuantConfig(scheme="int8", granularity="group", group_size=128), 0.01),
+    "w8a8": (QuantConfig(scheme="w8a8", smooth_alpha=0.5), 0.03),
+    "w8a8-outliers": (QuantConfig(scheme="w8a8", smooth_alpha=0.5, outlier_channels=8), 0.03),
+}
+
+
+@pytest.mark.parametrize("scheme", SCHEME_PPL_BOUND)
+def test_every_scheme_keeps_perplexity(smollm2, scheme):
+    from hetero_llm.evaluate.perplexity import calibration_samples
+    model, tokenizer = smollm2
+    q, bound = SCHEME_PPL_BOUND[scheme]
+    calib = calibration_samples(tokenizer, n=8, seq_len=256) if q.needs_calibration else None
+    quantized = hetero_llm.accelerate(load_model("smollm2")[0], quantize=q, calibration_data=calib)
+    base = perplexity(model, tokenizer, max_tokens=PPL_TOKENS, progress=False).perplexity
+    got = perplexity(quantized, tokenizer, max_tokens=PPL_TOKENS, progress=False).perplexity
+    assert got <= base * (1 + bound), (scheme, base, got)
+
+
+def test_resident_weights_under_a_third_of_fp32(smollm2, accelerated):
+    from hetero_llm.evaluate.timing import weight_bytes
+    model, _ = smollm2
+    ratio = weight_bytes(accelerated) / weight_bytes(model)
+    assert ratio <= 0.30, ratio  # measured 0.252: INT8 embedding shared with the tied lm_head
+
+
+def test_save_load_round_trip_on_the_real_model(accelerated, tmp_path):
+    hetero_llm.save(accelerated, tmp_path / "smollm2")
+    loaded = hetero_llm.load(tmp_path / "smollm2")
+    ids = torch.arange(100, 164).reshape(1, -1)
+    with torch.inference_mode():
+        assert torch.equal(accelerated(ids).logits, loaded(ids).logits)
