@@ -11,6 +11,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
 import hetero_llm
 from hetero_llm import HardwareError, KernelConfig, Options, QuantConfig, hardware_profile
 from hetero_llm.hardware import TritonInfo
+from hetero_llm.kernels.cpu_vnni import vnni_possible
+from hetero_llm.quant.modules import linear_weight
 from hetero_llm.quant.backends import int8pack_available
 from tiny_shapes import TINY_SHAPES
 
@@ -20,6 +22,13 @@ BASE = dict(vocab_size=256, pad_token_id=0, bos_token_id=1, eos_token_id=2)
 SHAPES = TINY_SHAPES
 LINEARS_PER_BLOCK = {"llama": 7, "mistral": 7, "qwen2": 7, "gemma": 7, "phi3": 4, "gpt2": 4, "opt": 6}
 CPU_INT8PACK = "cpu-int8pack" if int8pack_available() else "torch-dequant"
+
+
+def cpu_int8_kernel(in_features: int) -> str:
+    """The weight-only kernel the planner picks on this CPU for a symmetric layer."""
+    if CPU_INT8PACK == "cpu-int8pack" and in_features % 64 == 0 and vnni_possible():
+        return "cpu-vnni"
+    return CPU_INT8PACK
 
 
 def build(model_type: str = "llama", meta: bool = True, **overrides):
@@ -48,7 +57,10 @@ def test_cpu_default_quantizes_every_linear(model_type):
     assert p.family == model_type and p.device == "cpu"
     q = [e for e in p.by_action("quantize") if e.role != "embed"]
     assert len(q) == 2 * LINEARS_PER_BLOCK[model_type] + 1  # + lm_head
-    assert all(e.quant == "int8" and base_kernel(e) == CPU_INT8PACK for e in q)
+    model = build(model_type)
+    for e in q:
+        in_features = linear_weight(model.get_submodule(e.name)).shape[1]
+        assert e.quant == "int8" and base_kernel(e) == cpu_int8_kernel(in_features), e
     assert all("memory-bound" in e.reason or "tied to the embedding" in e.reason for e in q)
     assert all(e.decode_us_after < e.decode_us_before for e in q)
     (embed,) = [e for e in p.entries if e.role == "embed"]
@@ -143,7 +155,7 @@ def test_odd_in_features_use_reference_kernel_with_reason():
     q_proj = p.entry("model.layers.0.self_attn.q_proj")  # in 40
     down = p.entry("model.layers.0.mlp.down_proj")  # in 96
     assert base_kernel(q_proj) == "torch-dequant" and "multiple of 16" in q_proj.reason
-    assert base_kernel(down) == CPU_INT8PACK
+    assert base_kernel(down) == cpu_int8_kernel(96)
 
 
 @pytest.mark.parametrize("scheme", ["int8", "int8-asym"])

@@ -19,6 +19,10 @@ REL_TOL = {
     ("cpu-int8pack", torch.bfloat16): 1.5e-2,
     ("torch-dequant", torch.float16): 5e-3,
     ("cpu-int8pack", torch.float16): 1e-2,
+    # cpu-vnni: ~15-bit activations in, fp32 out; only the output cast rounds.
+    ("cpu-vnni", torch.float32): 1e-4,
+    ("cpu-vnni", torch.bfloat16): 1.5e-2,
+    ("cpu-vnni", torch.float16): 5e-3,
 }
 ROWS = (1, 3, GEMV_MAX_ROWS, GEMV_MAX_ROWS + 1, 64)  # both sides of the GEMV/GEMM switch
 OUT_FEATURES = 48
@@ -107,7 +111,11 @@ def test_backend_choice_by_in_features():
     assert Int8Linear.from_linear(make_linear(33)).backend == "torch-dequant"
     assert Int8Linear.from_linear(make_linear(40)).backend == "torch-dequant"
     expected = "cpu-int8pack" if int8pack_available() else "torch-dequant"
+    if BACKENDS["cpu-vnni"].supports(64, torch.device("cpu")):
+        expected = "cpu-vnni"  # hetero_llm's own GEMV where the CPU has AVX-512 VNNI
     assert Int8Linear.from_linear(make_linear(64)).backend == expected
+    assert Int8Linear.from_linear(make_linear(48)).backend == ("cpu-int8pack" if int8pack_available()
+                                                                 else "torch-dequant")  # 48 % 64 != 0
     assert pick_backend(64, torch.device("cpu"), "torch-dequant") == "torch-dequant"
     # a kernel asked for a shape it cannot run (a plan made for another model) is not used
     assert Int8Linear.from_linear(make_linear(40), backend="cpu-int8pack").backend == "torch-dequant"

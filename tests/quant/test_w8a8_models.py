@@ -89,7 +89,7 @@ def test_w8a8_logits_generate_and_plan(family):
     body = [e for e in entries if e.role != "lm_head"]
     assert body and all(e.quant == "w8a8" and base_kernel(e) == "cpu-intmm" for e in body)
     head = plan.entry("lm_head")
-    assert head.quant == "int8" and base_kernel(head) in ("cpu-int8pack", "torch-dequant")
+    assert head.quant == "int8" and base_kernel(head) in ("cpu-vnni", "cpu-int8pack", "torch-dequant")
     assert "tied to the embedding" in head.reason or "weight-only for the output projection" in head.reason
     assert isinstance(model.lm_head, (Int8Linear, TiedInt8Linear))  # logits stay weight-only
     w8a8 = [m for m in model.modules() if isinstance(m, W8A8Linear)]

@@ -18,7 +18,8 @@ from .profile import ModuleProfile
 # streams weights at batch 1 (measured: fp32 GEMV ~16 GB/s and torch's int8
 # GEMV ~30 GB/s where a plain read reaches ~50 GB/s on 2 cores).
 # torch._int_mm (W8A8) reads ~33 GB/s at one row; it also quantizes the activations.
-KERNEL_EFFICIENCY = {"torch": 0.55, "cpu-int8pack": 1.0, "torch-dequant": 0.25, "cpu-intmm": 1.1,
+# hetero_llm's VNNI GEMV (kernels/cpu_vnni.py) measured 40-64 GB/s.
+KERNEL_EFFICIENCY = {"torch": 0.55, "cpu-int8pack": 1.0, "cpu-vnni": 1.7, "torch-dequant": 0.25, "cpu-intmm": 1.1,
                      "torch-w8a8": 0.05}
 # Extra small ops per call: W8A8 quantizes its input per token and rescales its output.
 KERNEL_EXTRA_US = {"cpu-intmm": 8.0, "torch-w8a8": 30.0}

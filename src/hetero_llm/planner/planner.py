@@ -10,6 +10,8 @@ from ..errors import HardwareError
 from ..hardware import Hardware
 from ..integrations.transformers import (ArchitectureSpec, map_roles, model_type_of, require_spec,
                                          spec_for)
+from ..kernels.cpu_vnni import K_MULTIPLE as VNNI_K_MULTIPLE
+from ..kernels.cpu_vnni import vnni_possible
 from ..quant.backends import BACKENDS
 from ..quant.schemes import QuantSpec, spec_for_options
 from ..quant.w8a8 import BACKENDS as W8A8_BACKENDS
@@ -58,6 +60,9 @@ def _linear_kernel(p: ModuleProfile, device: str, options: Options, spec: QuantS
         return "torch-dequant", "kernels='torch': reference INT8 path"
     group = spec.group_size if spec.granularity == "group" else None
     if BACKENDS["cpu-int8pack"].supports(p.in_features, dev, group):
+        # Checked without compiling; accelerate() falls back to int8pack if the build fails.
+        if not spec.asymmetric and p.in_features % VNNI_K_MULTIPLE == 0 and vnni_possible():
+            return "cpu-vnni", ""
         return "cpu-int8pack", ""
     if device == "cpu" and group is not None:
         return "torch-dequant", "no CPU INT8 kernel takes per-group scales: reference path (slower)"

@@ -83,6 +83,29 @@ class CpuInt8Pack:
         return y
 
 
+class CpuVnni(CpuInt8Pack):
+    """CPU with AVX-512 VNNI: hetero_llm's GEMV for up to 4 rows, CpuInt8Pack beyond.
+
+    Activations are split into two int8 levels (~15-bit precision) and multiplied
+    with VNNI in one pass over the weight: ~1.5-2x int8pack's speed and ~80x less
+    error than its bf16 activations (see kernels/cpu_vnni.py). Symmetric
+    per-channel weights; an asymmetric layer uses the int8pack path.
+    """
+
+    name = "cpu-vnni"
+
+    def supports(self, in_features: int, device: torch.device, group_size: int | None = None) -> bool:
+        from ..kernels.cpu_vnni import K_MULTIPLE, vnni_kernel, vnni_possible
+        return (super().supports(in_features, device, group_size) and in_features % K_MULTIPLE == 0
+                and vnni_possible() and vnni_kernel() is not None)
+
+    def matmul(self, x2d: torch.Tensor, layer) -> torch.Tensor:
+        from ..kernels.cpu_vnni import MAX_ROWS, a16w8_gemv
+        if x2d.shape[0] <= MAX_ROWS and layer.zero_point is None:
+            return a16w8_gemv(x2d, layer.qweight, layer.scale, layer.rowsum)
+        return super().matmul(x2d, layer)
+
+
 class TritonInt8:
     """CUDA: hetero_llm's Triton W8A16 kernels (a GEMV for decode, tensor-core tiles for prefill).
 
@@ -101,7 +124,7 @@ class TritonInt8:
         return int8_linear_triton(x2d, layer.qweight, layer.scale, layer.zero_point)
 
 
-BACKENDS = {b.name: b for b in (CpuInt8Pack(), TritonInt8(), TorchReference())}
+BACKENDS = {b.name: b for b in (CpuVnni(), CpuInt8Pack(), TritonInt8(), TorchReference())}
 
 
 class BackendSlot:
@@ -128,7 +151,7 @@ def pick_backend(in_features: int, device: torch.device, preferred: str = "auto"
     """The fastest backend that supports this layer on this device."""
     if preferred != "auto":
         return preferred
-    for name in ("cpu-int8pack", "triton-int8", "torch-dequant"):
+    for name in ("cpu-vnni", "cpu-int8pack", "triton-int8", "torch-dequant"):
         if BACKENDS[name].supports(in_features, device, group_size):
             return name
     return "torch-dequant"

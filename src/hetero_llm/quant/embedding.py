@@ -27,6 +27,7 @@ class Int8Embedding(nn.Module):
         self.register_buffer("qweight", torch.zeros(num_embeddings, embedding_dim, dtype=torch.int8, device=device))
         self.register_buffer("scale", torch.ones(num_embeddings, device=device))
         self.register_buffer("scale_bf16", None, persistent=False)
+        self.register_buffer("rowsum", None, persistent=False)  # for a tied lm_head's VNNI kernel
         # Gemma's ScaledWordEmbedding multiplies lookups by sqrt(hidden); 1.0 elsewhere.
         self.embed_scale = 1.0
         self._refresh()
@@ -34,6 +35,7 @@ class Int8Embedding(nn.Module):
     def _refresh(self) -> None:
         self.scale = self.scale.float()
         self.scale_bf16 = self.scale.to(torch.bfloat16)  # exact: scales are bf16-representable
+        self.rowsum = self.qweight.sum(dim=1, dtype=torch.int32)
 
     @classmethod
     def from_embedding(cls, module: nn.Embedding, name: str = "embedding") -> "Int8Embedding":
@@ -94,7 +96,7 @@ class TiedInt8Linear(BackendSlot, nn.Module):
         device = torch.device(device) if device is not None else embedding.qweight.device
         chosen = pick_backend(self.in_features, device, backend)
         if not BACKENDS[chosen].supports(self.in_features, device):
-            chosen = "torch-dequant"
+            chosen = pick_backend(self.in_features, device, "auto")
         self.backend = chosen
 
     @property
@@ -112,6 +114,10 @@ class TiedInt8Linear(BackendSlot, nn.Module):
     @property
     def scale_bf16(self) -> torch.Tensor:
         return self.embedding.scale_bf16
+
+    @property
+    def rowsum(self) -> torch.Tensor:
+        return self.embedding.rowsum
 
     @property
     def weight(self) -> torch.Tensor:

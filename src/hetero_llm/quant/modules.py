@@ -49,6 +49,7 @@ class Int8Linear(BackendSlot, nn.Module):
         # Derived, not saved: rebuilt from the saved buffers by _refresh().
         self.register_buffer("scale_bf16", None, persistent=False)
         self.register_buffer("zero_scale", None, persistent=False)
+        self.register_buffer("rowsum", None, persistent=False)  # sum of each int8 row (VNNI kernel)
         self._refresh()
 
     def _refresh(self) -> None:
@@ -58,6 +59,7 @@ class Int8Linear(BackendSlot, nn.Module):
             self.bias = self.bias.float()
         self.scale_bf16 = self.scale.to(torch.bfloat16)  # exact: scales are bf16-representable
         self.zero_scale = None if self.zero_point is None else self.zero_point.float() * self.scale
+        self.rowsum = self.qweight.sum(dim=1, dtype=torch.int32)
         if hasattr(self, "_backend"):
             self.backend = self._backend  # the matmul may cache per-device state
 
@@ -78,7 +80,10 @@ class Int8Linear(BackendSlot, nn.Module):
         device = qw.qweight.device
         chosen = pick_backend(in_f, device, backend, qw.group_size)
         if not BACKENDS[chosen].supports(in_f, device, qw.group_size):
-            chosen = "torch-dequant"  # e.g. a plan made for another shape: never run a kernel out of spec
+            # e.g. a plan made for another machine or shape: never run a kernel out of spec
+            chosen = pick_backend(in_f, device, "auto", qw.group_size)
+        if chosen == "cpu-vnni" and qw.zero_point is not None:
+            chosen = "cpu-int8pack"  # the VNNI GEMV takes symmetric weights only
         layer = cls(in_f, out_f, bias=bias is not None, asymmetric=qw.zero_point is not None, backend=chosen,
                     device=device, group_size=qw.group_size, scheme=scheme)
         layer.load_quantized(qw, bias)
