@@ -8,7 +8,7 @@ from .._modules import replace_module
 from ..planner.plan import Plan, PlanEntry
 from .calibrate import outlier_channels, smoothing_factors
 from .embedding import Int8Embedding, TiedInt8Linear
-from .backends import BACKENDS, pick_backend
+from .backends import usable_backend
 from .modules import Int8Linear, linear_weight
 from .primitives import check_finite
 from .schemes import QuantSpec
@@ -73,6 +73,12 @@ def _quantize_linear(e: PlanEntry, old: nn.Module, new_embeddings: dict[int, Int
     return Int8Linear.from_linear(old, e.quant, backend=backend, name=e.name)
 
 
+def _embeddings_first(model: nn.Module, plan: Plan) -> list[tuple[PlanEntry, nn.Module]]:
+    """(entry, original module) to quantize; embeddings first, so a tied lm_head can share them."""
+    pairs = [(e, model.get_submodule(e.name)) for e in plan.by_action("quantize")]
+    return sorted(pairs, key=lambda pair: not isinstance(pair[1], nn.Embedding))
+
+
 def quantize_pass(model: nn.Module, plan: Plan,
                   act_absmax: dict[str, torch.Tensor] | None = None) -> list[tuple[str, str, str]]:
     """Quantize in place; returns (module, old type, new type) for each swap.
@@ -80,15 +86,12 @@ def quantize_pass(model: nn.Module, plan: Plan,
     `act_absmax` (from calibrate.activation_absmax) is needed for W8A8 with
     smoothing or outlier channels.
     """
-    entries = plan.by_action("quantize")
-    originals = {e.name: model.get_submodule(e.name) for e in entries}
     if calibrated_modules(plan) and act_absmax is None:
         raise ValueError("this plan's W8A8 layers need calibration statistics")  # api.py always passes them
-    w8a8 = _w8a8_inputs(plan, originals, act_absmax)
+    ordered = _embeddings_first(model, plan)
+    w8a8 = _w8a8_inputs(plan, {e.name: old for e, old in ordered}, act_absmax)
     swaps, new_embeddings = [], {}
-    # Embeddings first: a tied lm_head then shares their INT8 rows.
-    for e in sorted(entries, key=lambda e: not isinstance(originals[e.name], nn.Embedding)):
-        old = originals[e.name]
+    for e, old in ordered:
         if isinstance(old, nn.Embedding):
             new = Int8Embedding.from_embedding(old, e.name)
             new_embeddings[id(old.weight)] = new
@@ -104,12 +107,8 @@ def _empty_module(e: PlanEntry, old: nn.Module, plan: Plan, new_embeddings: dict
     device = torch.device(plan.device)
     meta = torch.device("meta")
     if isinstance(old, nn.Embedding):
-        w = old.weight
-        new = Int8Embedding(w.shape[0], w.shape[1], dtype=w.dtype, padding_idx=old.padding_idx, device=meta)
-        factor = getattr(old, "embed_scale", None)
-        if factor is not None:
-            new.embed_scale = float(torch.as_tensor(factor).to(w.dtype))
-        new_embeddings[id(w)] = new
+        new = Int8Embedding.shaped_like(old, device=meta)
+        new_embeddings[id(old.weight)] = new
         return new
     w = linear_weight(old)
     out_f, in_f = w.shape
@@ -125,20 +124,15 @@ def _empty_module(e: PlanEntry, old: nn.Module, plan: Plan, new_embeddings: dict
         return W8A8Linear(in_f, out_f, bias=has_bias, n_outliers=n_out, smooth=q.get("smooth_alpha", 0) > 0,
                           backend=w8a8_pick(in_f, device, backend), device=meta)
     group = spec.group_size if spec.granularity == "group" else None
-    chosen = pick_backend(in_f, device, backend, group)
-    if not BACKENDS[chosen].supports(in_f, device, group):
-        chosen = "torch-dequant"
+    chosen = usable_backend(in_f, device, backend, group, spec.asymmetric)
     return Int8Linear(in_f, out_f, bias=has_bias, asymmetric=spec.asymmetric, backend=chosen, device=meta,
                       group_size=group, scheme=e.quant)
 
 
 def empty_quantize_pass(model: nn.Module, plan: Plan) -> list[tuple[str, str, str]]:
     """quantize_pass's module swaps without computing anything: load() fills them from a file."""
-    entries = plan.by_action("quantize")
-    originals = {e.name: model.get_submodule(e.name) for e in entries}
     swaps, new_embeddings = [], {}
-    for e in sorted(entries, key=lambda e: not isinstance(originals[e.name], nn.Embedding)):
-        old = originals[e.name]
+    for e, old in _embeddings_first(model, plan):
         new = _empty_module(e, old, plan, new_embeddings)
         replace_module(model, e.name, new)
         swaps.append((e.name, type(old).__name__, type(new).__name__))

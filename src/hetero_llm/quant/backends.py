@@ -146,6 +146,21 @@ class BackendSlot:
         self._matmul = self.BACKEND_REGISTRY[name].matmul
 
 
+def usable_backend(in_features: int, device: torch.device, preferred: str = "auto",
+                   group_size: int | None = None, asymmetric: bool = False) -> str:
+    """`preferred` if it runs this layer here, else the fastest that does.
+
+    A plan made on another machine or for another shape may name a kernel that
+    cannot run this layer: never run a kernel out of spec.
+    """
+    chosen = pick_backend(in_features, device, preferred, group_size)
+    if not BACKENDS[chosen].supports(in_features, device, group_size):
+        chosen = pick_backend(in_features, device, "auto", group_size)
+    if chosen == "cpu-vnni" and asymmetric:
+        chosen = "cpu-int8pack"  # the VNNI GEMV takes symmetric weights only
+    return chosen
+
+
 def pick_backend(in_features: int, device: torch.device, preferred: str = "auto",
                  group_size: int | None = None) -> str:
     """The fastest backend that supports this layer on this device."""

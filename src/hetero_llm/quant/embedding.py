@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backends import BACKENDS, BackendSlot, pick_backend
+from .backends import BACKENDS, BackendSlot, usable_backend
 from .primitives import QuantizedWeight, dequantize, quantize_symmetric
 
 
@@ -38,15 +38,22 @@ class Int8Embedding(nn.Module):
         self.rowsum = self.qweight.sum(dim=1, dtype=torch.int32)
 
     @classmethod
-    def from_embedding(cls, module: nn.Embedding, name: str = "embedding") -> "Int8Embedding":
+    def shaped_like(cls, module: nn.Embedding, device=None) -> "Int8Embedding":
+        """An empty Int8Embedding for `module` (shape, dtype, padding, Gemma's factor)."""
         w = module.weight
-        layer = cls(w.shape[0], w.shape[1], dtype=w.dtype, padding_idx=module.padding_idx, device=w.device)
-        qw = quantize_symmetric(w, name)
-        layer.qweight, layer.scale = qw.qweight, qw.scale
+        layer = cls(w.shape[0], w.shape[1], dtype=w.dtype, padding_idx=module.padding_idx,
+                    device=w.device if device is None else device)
         factor = getattr(module, "embed_scale", None)
         if factor is not None:
             # transformers multiplies in the weight dtype: round the factor the same way.
             layer.embed_scale = float(torch.as_tensor(factor).to(w.dtype))
+        return layer
+
+    @classmethod
+    def from_embedding(cls, module: nn.Embedding, name: str = "embedding") -> "Int8Embedding":
+        layer = cls.shaped_like(module)
+        qw = quantize_symmetric(module.weight, name)
+        layer.qweight, layer.scale = qw.qweight, qw.scale
         layer._refresh()
         return layer
 
@@ -94,10 +101,7 @@ class TiedInt8Linear(BackendSlot, nn.Module):
         self._embedding = [embedding]  # a list: not a child, so its buffers are saved once
         self.in_features, self.out_features = embedding.embedding_dim, embedding.num_embeddings
         device = torch.device(device) if device is not None else embedding.qweight.device
-        chosen = pick_backend(self.in_features, device, backend)
-        if not BACKENDS[chosen].supports(self.in_features, device):
-            chosen = pick_backend(self.in_features, device, "auto")
-        self.backend = chosen
+        self.backend = usable_backend(self.in_features, device, backend)
 
     @property
     def embedding(self) -> Int8Embedding:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .backends import BACKENDS, BackendSlot, pick_backend
+from .backends import BACKENDS, BackendSlot, usable_backend
 from .primitives import QuantizedWeight, dequantize, quantize_weight
 from .schemes import QuantSpec
 
@@ -78,12 +78,7 @@ class Int8Linear(BackendSlot, nn.Module):
                        backend: str = "auto") -> "Int8Linear":
         out_f, in_f = qw.qweight.shape
         device = qw.qweight.device
-        chosen = pick_backend(in_f, device, backend, qw.group_size)
-        if not BACKENDS[chosen].supports(in_f, device, qw.group_size):
-            # e.g. a plan made for another machine or shape: never run a kernel out of spec
-            chosen = pick_backend(in_f, device, "auto", qw.group_size)
-        if chosen == "cpu-vnni" and qw.zero_point is not None:
-            chosen = "cpu-int8pack"  # the VNNI GEMV takes symmetric weights only
+        chosen = usable_backend(in_f, device, backend, qw.group_size, qw.zero_point is not None)
         layer = cls(in_f, out_f, bias=bias is not None, asymmetric=qw.zero_point is not None, backend=chosen,
                     device=device, group_size=qw.group_size, scheme=scheme)
         layer.load_quantized(qw, bias)
