@@ -90,7 +90,9 @@ def bench_gemv(n: int, k: int, rounds: int) -> list[dict]:
 
 def _picked(L, n: int, k: int) -> str:
     """The decode configuration the launcher's timing chose (its key: see int8_linear_triton)."""
-    cfg = L._BEST.get(("w8a16", 4, n, k, torch.bfloat16, 0, False, False))
+    from hetero_llm.kernels import triton_utils as U
+
+    cfg = U._BEST.get(("w8a16", 4, n, k, torch.bfloat16, 0, False, False))
     return f"cfg{L.W8A16_CONFIGS[4].index(cfg)}" if cfg in L.W8A16_CONFIGS[4] else "?"
 
 

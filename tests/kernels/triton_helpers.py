@@ -35,6 +35,10 @@ import torch
 ON_GPU = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")
 HOPPER_SMEM_BYTES = 227 * 1024  # the most shared memory one block may use on sm_90
+# The most shared memory one block may opt in to, per compute capability (CUDA programming
+# guide, "Technical Specifications per Compute Capability"): A100 163 KiB, H100/H200 227 KiB.
+SMEM_BYTES = {80: 163 * 1024, 90: HOPPER_SMEM_BYTES}
+AOT_ARCHS = tuple(SMEM_BYTES)
 TRITON = importlib.util.find_spec("triton") is not None
 REPO = Path(__file__).resolve().parents[2]
 
@@ -76,20 +80,21 @@ _PTR_TYPES = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*
               torch.int8: "*i8", torch.int32: "*i32"}
 
 
-def aot_spec(module: str, call) -> dict:
+def aot_spec(module: str, call, arch: int = 90) -> dict:
     """A JSON-able compile spec from a launcher's (kernel, grid, args, kwargs), built on meta
-    tensors: the AOT tests compile exactly the call the launcher would make."""
+    tensors: the AOT tests compile exactly the call the launcher would make, for compute
+    capability `arch` (80: A100, 90: H100/H200)."""
     kernel, _grid, args, kwargs = call
     kwargs = dict(kwargs)
     spec = dict(module=module, kernel=kernel.__name__, num_warps=kwargs.pop("num_warps", 4),
-                num_stages=kwargs.pop("num_stages", 3))
+                num_stages=kwargs.pop("num_stages", 3), arch=arch)
     values = {name: _PTR_TYPES[a.dtype] if isinstance(a, torch.Tensor) else a
               for name, a in zip(kernel.arg_names, args)}
     return dict(spec, args={**values, **kwargs})
 
 
 def aot_compile(specs: list[dict], timeout: float = 600) -> list[dict]:
-    """Compile each spec (see `aot_spec`) for sm_90 in one child process, one result per spec:
+    """Compile each spec (see `aot_spec`) for its arch in one child process, one result per spec:
     shared (bytes), num_warps, ptx (text), sass (text, "" where cuobjdump is missing)."""
     with tempfile.TemporaryDirectory() as tmp:
         spec_file = Path(tmp) / "specs.json"
@@ -126,11 +131,11 @@ def _compile_one(spec: dict, out_dir: Path, index: int) -> dict:
             if value % 16 == 0:
                 attrs[(i,)] = [["tt.divisibility", 16]]
     src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
-    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+    compiled = triton.compile(src, target=GPUTarget("cuda", spec.get("arch", 90), 32),
                               options=dict(num_warps=spec["num_warps"], num_stages=spec["num_stages"]))
     ptx_path = out_dir / f"{index}.ptx"
     ptx_path.write_text(compiled.asm["ptx"])
-    return dict(shared=compiled.metadata.shared, num_warps=compiled.metadata.num_warps,
+    return dict(shared=compiled.metadata.shared, num_warps=compiled.metadata.num_warps, arch=spec.get("arch", 90),
                 ptx_path=str(ptx_path), sass_path=_sass(compiled.asm["cubin"], out_dir, index))
 
 
@@ -149,6 +154,16 @@ def _sass(cubin: bytes, out_dir: Path, index: int) -> str:
         return ""
     sass_path.write_text(proc.stdout)
     return str(sass_path)
+
+
+def uses_wgmma(ptx: str) -> bool:
+    """Whether the kernel issues Hopper's warpgroup MMA (only possible on sm_90)."""
+    return "wgmma.mma_async" in ptx
+
+
+def uses_mma(ptx: str) -> bool:
+    """Whether the kernel uses tensor cores at all (Ampere's mma.sync or Hopper's wgmma)."""
+    return "mma.sync" in ptx or uses_wgmma(ptx)
 
 
 def ptx_lines(ptx: str, *needles: str) -> list[str]:

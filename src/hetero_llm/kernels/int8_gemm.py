@@ -18,15 +18,8 @@ from __future__ import annotations
 
 import torch
 
-from .int8_linear import GROUP_M, grouped_tile, m_bucket, on_device, pick_config, require_triton
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # the references still work; the launchers say what is missing
-    triton = tl = None
-
-TRITON_AVAILABLE = triton is not None
+from .triton_utils import (GROUP_M, TRITON_AVAILABLE, grouped_tile, jit, m_bucket, on_device, pick_config,
+                           require_triton, tl, triton)
 QMAX = 127  # symmetric: -128 is never produced
 QUANT_MAX_K = 65536  # a whole row stays in registers (one pass); longer rows: use the reference
 
@@ -43,14 +36,9 @@ W8A8_CONFIGS = {
 }
 
 
-def _jit(fn):
-    """triton.jit where Triton is installed; without it the plain function, never launched."""
-    return triton.jit(fn) if TRITON_AVAILABLE else fn
-
-
 # -- kernels -----------------------------------------------------------------------------------
 
-@_jit
+@jit
 def _quantize_per_token_kernel(x_ptr, smooth_ptr, q_ptr, s_ptr, M, K,
                                stride_xm, stride_xk, stride_qm, stride_qk,
                                HAS_SMOOTH: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -73,7 +61,7 @@ def _quantize_per_token_kernel(x_ptr, smooth_ptr, q_ptr, s_ptr, M, K,
     tl.store(s_ptr + offs_m, scale, mask=offs_m < M)
 
 
-@_jit
+@jit
 def _int8_gemm_kernel(a_ptr, b_ptr, as_ptr, bs_ptr, bias_ptr, c_ptr, M, N, K,
                       stride_am, stride_ak, stride_bn, stride_bk, stride_cm, stride_cn,
                       HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
