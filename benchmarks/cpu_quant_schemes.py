@@ -7,7 +7,6 @@ decode and 512-token prefill speed, resident weight memory and perplexity.
     python benchmarks/cpu_quant_schemes.py [--repeats 3] [--json out.json]
 """
 import argparse
-import json
 
 import hetero_llm
 from hetero_llm.config import QuantConfig

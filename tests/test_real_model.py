@@ -8,7 +8,6 @@ import hetero_llm
 from hetero_llm import QuantConfig
 from hetero_llm.evaluate import load_model, perplexity
 from hetero_llm.kernels.modules import GatedMLP, RotaryAttention
-from hetero_llm.quant import Int8Linear
 from hetero_llm.quant.embedding import TiedInt8Linear
 
 PPL_TOKENS = 2048

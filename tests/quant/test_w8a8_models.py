@@ -10,7 +10,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import hetero_llm
-from hetero_llm import KernelConfig, QuantConfig
+from hetero_llm import QuantConfig
 from hetero_llm.errors import InvalidOptionError
 from hetero_llm.quant import Int8Linear, sqnr_db
 from hetero_llm.quant.calibrate import activation_absmax, smoothing_factors
