@@ -255,7 +255,7 @@ def test_calibration_data_is_not_available_yet():
 @pytest.mark.parametrize("options, hint", [
     (dict(quantize="w8a8", outlier_channels=4), "known options"),
     (dict(quantize="int4"), "not available"),
-    (dict(kernels="triton"), "not available"),
+    (dict(kernels="cuda"), "choose one of"),
     (dict(prune="2:4"), "not available"),
     (dict(prune="magnitude"), "not available"),
     (dict(tp=2), "tp=1"),
@@ -277,6 +277,17 @@ def test_invalid_options_are_refused_before_any_change(options, hint):
     assert_unchanged(model, types, weights)
     with pytest.raises(InvalidOptionError):
         hetero_llm.plan(model, **options)
+
+
+def test_triton_kernels_on_a_cpu_without_the_interpreter_are_refused_before_any_change():
+    from hetero_llm.kernels.triton_utils import TRITON_AVAILABLE, interpreted
+    if TRITON_AVAILABLE and interpreted():
+        pytest.skip("this process runs Triton's interpreter, where kernels='triton' on CPU is allowed")
+    model = tiny()
+    types, weights = module_types(model), state(model)
+    with pytest.raises(HardwareError, match="needs a CUDA GPU.*TRITON_INTERPRET=1.*kernels='auto'"):
+        hetero_llm.accelerate(model, kernels="triton", device="cpu")
+    assert_unchanged(model, types, weights)
 
 
 def test_plan_and_options_together_are_refused():

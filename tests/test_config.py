@@ -110,7 +110,7 @@ def test_from_dict_validates_values():
     (lambda: PruneConfig(method="2:4"), "not available"),
     (lambda: PruneConfig(method="wanda"), "not available"),
     (lambda: PruneConfig(method="sparse"), "choose one of"),
-    (lambda: KernelConfig(backend="triton"), "not available"),
+    (lambda: KernelConfig(backend="cuda"), "choose one of"),
     (lambda: KernelConfig(backend="tourch"), "Did you mean 'torch'"),
     (lambda: PlacementConfig(device="tpu"), "choose one of"),
     (lambda: PlacementConfig(tp=2), "not available"),

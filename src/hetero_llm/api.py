@@ -84,6 +84,11 @@ def check_plan_matches(model: nn.Module, p: Plan) -> None:
                 "hetero_llm.plan(model).")
     entries = {e.name: e for e in p.entries}
     for f in p.fusions:
+        if f.kind == "decoder_layer":  # a block and its parts, not linears sharing an input
+            if f.name not in names or any(m not in names for m in f.members):
+                raise PlanMismatchError(f"fused decoder layer {f.name}: the model lacks {f.name} or one of "
+                                        f"{list(f.members)}. Make the plan from this model: hetero_llm.plan(model).")
+            continue
         kinds = {(entries[m].action, entries[m].quant) for m in f.members if m in entries}
         if len(kinds) != 1 or any(m not in entries for m in f.members):
             raise PlanMismatchError(

@@ -140,9 +140,11 @@ class PruneConfig(_Config):
 class KernelConfig(_Config):
     """Which kernels run the model.
 
-    backend: "auto" (the fastest available per device) or "torch" (torch ops
-    only). fuse_projections: compute q/k/v (and gate/up) as one matmul.
-    fuse_norms: replace RMSNorm's several ops with torch's single rms_norm.
+    backend: "auto" (the fastest available per device: Triton's fused kernels on a CUDA GPU
+    with Triton, torch ops on CPU), "triton" (insist on the Triton kernels: an error where they
+    cannot run; on CPU they run only under TRITON_INTERPRET=1, slowly, for debugging) or
+    "torch" (torch ops only). fuse_projections: compute q/k/v (and gate/up) as one matmul.
+    fuse_norms: replace RMSNorm's several ops with one fused kernel.
     """
 
     backend: str = "auto"
@@ -150,8 +152,8 @@ class KernelConfig(_Config):
     fuse_norms: bool = True
     version: int = CONFIG_VERSION
 
-    BACKENDS = ("auto", "torch")
-    LATER = ("triton",)
+    BACKENDS = ("auto", "triton", "torch")
+    LATER = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "backend", _choice("kernels", self.backend, self.BACKENDS, self.LATER))

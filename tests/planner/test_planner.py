@@ -93,7 +93,7 @@ def test_roles_and_fusions_llama():
     assert attn.action == "swap" and attn.kernel == "sdpa+rotary"
     for name in ("model.layers.0.input_layernorm", "model.norm"):
         assert p.entry(name).action == "swap" and p.entry(name).kernel == "torch-rms_norm"
-    assert p.model_settings == {"attn_implementation": "sdpa"}
+    assert p.model_settings == {"attn_implementation": "sdpa", "kernels": "torch"}
 
 
 def test_opt_fuses_qkv_and_keeps_layernorm():
@@ -117,8 +117,12 @@ def test_gpu_auto_keeps_floating_point():
     p = hetero_llm.plan(build("llama"), hardware="h100-80gb")
     assert p.device == "cuda"
     assert not p.by_action("quantize")
-    linears = [e for e in p.entries if e.role in ("q", "k", "v", "o", "gate", "up", "down", "lm_head")]
+    linears = [e for e in p.entries if e.role in ("q", "k", "v", "gate", "up", "lm_head")]
     assert linears and all(e.action == "keep" and "GPU" in e.reason for e in linears)
+    # o and down stay bf16 too; their residual adds move into the matmul's epilogue
+    residual = [e for e in p.entries if e.role in ("o", "down")]
+    assert residual and all(e.action == "swap" and e.kernel == "triton-linear_add" and e.quant is None
+                            for e in residual)
     assert p.prediction.weight_mb_after == pytest.approx(p.prediction.weight_mb_before)
 
 
@@ -249,3 +253,58 @@ def test_70b_plans_quickly_on_meta(llama_70b, hardware):
     else:
         assert p.device == "cuda"
     assert all(t.device.type == "meta" for t in llama_70b.parameters())
+
+
+# -- the kernel backend: Triton's fused kernels on GPUs ------------------------------------------
+
+@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "gemma"])
+def test_gpu_plan_uses_triton_kernels_and_fuses_residual_adds(model_type):
+    p = hetero_llm.plan(build(model_type), hardware="h100-80gb")
+    assert p.model_settings == {"attn_implementation": "hetero_llm", "kernels": "triton"}
+    norms = [e for e in p.entries if e.role in ("attn_norm", "mlp_norm", "final_norm")]
+    assert norms and all(e.kernel == "triton-rms_norm" for e in norms)
+    attn = [e for e in p.entries if e.role == "attention"]
+    assert attn and all(e.kernel == "triton-attention+rotary" for e in attn)
+    layers = [f for f in p.fusions if f.kind == "decoder_layer"]
+    assert [f.name for f in layers] == ["model.layers.0", "model.layers.1"]
+    assert layers[0].members == ("model.layers.0.self_attn", "model.layers.0.mlp",
+                                 "model.layers.0.input_layernorm", "model.layers.0.post_attention_layernorm")
+    assert hetero_llm.Plan.from_json(p.to_json()) == p
+    assert "split-KV flash decoding" in p.entry("model.layers.0.self_attn").reason
+
+
+def test_gpu_int8_plan_fuses_the_attention_residual_into_the_norm():
+    p = hetero_llm.plan(build("llama"), hardware="h100-80gb", quantize="int8")
+    assert base_kernel(p.entry("model.layers.0.self_attn.o_proj")) == "triton-int8"
+    assert p.entry("model.layers.0.post_attention_layernorm").kernel == "triton-add_rms_norm"
+    assert p.entry("model.layers.0.input_layernorm").kernel == "triton-rms_norm"
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "opt", "phi3"])
+def test_gpu_plan_routes_other_attention_through_the_interface(model_type):
+    p = hetero_llm.plan(build(model_type), hardware="h100-80gb")
+    assert p.model_settings["attn_implementation"] == "hetero_llm"
+    attn = [e for e in p.entries if e.role == "attention"]
+    assert attn and all(e.kernel == "triton-attention" and e.action == "swap" for e in attn)
+    assert not [f for f in p.fusions if f.kind == "decoder_layer"]  # their blocks are not Llama-style
+
+
+def test_kernels_torch_on_gpu_keeps_torch_ops():
+    p = hetero_llm.plan(build("llama"), hardware="h100-80gb", kernels="torch")
+    assert p.model_settings == {"attn_implementation": "sdpa", "kernels": "torch"}
+    assert not any(e.kernel.startswith("triton") for e in p.entries)
+    assert not [f for f in p.fusions if f.kind == "decoder_layer"]
+
+
+def test_kernels_triton_on_a_gpu_without_triton_is_refused():
+    no_triton = dataclasses.replace(hardware_profile("h100-80gb"), triton=TritonInfo(False, None, False))
+    with pytest.raises(HardwareError, match="cannot compile Triton"):
+        hetero_llm.plan(build("llama"), hardware=no_triton, kernels="triton")
+    auto = hetero_llm.plan(build("llama"), hardware=no_triton)
+    assert auto.model_settings["kernels"] == "torch"
+
+
+def test_editing_a_block_member_drops_its_decoder_layer_fusion():
+    p = hetero_llm.plan(build("llama"), hardware="h100-80gb")
+    edited = p.with_entry("model.layers.0.post_attention_layernorm", kernel="torch-rms_norm")
+    assert [f.name for f in edited.fusions if f.kind == "decoder_layer"] == ["model.layers.1"]

@@ -5,11 +5,13 @@ import torch
 from torch import nn
 
 from .._modules import parent_of, replace_module
+from ..integrations import attention_interface
 from ..integrations.transformers import spec_by_family
 from ..planner.plan import Fusion, Plan
 from ..quant.modules import Int8Linear, linear_weight
 from ..quant.primitives import QuantizedWeight
 from ..quant.w8a8 import W8A8Linear
+from . import decoder_layer
 from .modules import FusedProjection, GatedMLP, ProjectionSlice, RMSNorm, RotaryAttention
 
 
@@ -75,18 +77,19 @@ def fuse_linears(members: list[nn.Module]) -> nn.Module:
     return fused
 
 
-def apply_gated_mlp(model: nn.Module, fusion: Fusion, act_attr: str, down_attr: str) -> None:
+def apply_gated_mlp(model: nn.Module, fusion: Fusion, act_attr: str, down_attr: str, backend: str = "torch") -> None:
     mlp = model.get_submodule(fusion.name)
     gate, up = (model.get_submodule(n) for n in fusion.members)
-    fused = GatedMLP(fuse_linears([gate, up]), getattr(mlp, down_attr), getattr(mlp, act_attr), gate.out_features)
+    fused = GatedMLP(fuse_linears([gate, up]), getattr(mlp, down_attr), getattr(mlp, act_attr), gate.out_features,
+                     backend=backend)
     replace_module(model, fusion.name, fused)
 
 
-def apply_rotary_attention(model: nn.Module, fusion: Fusion) -> None:
+def apply_rotary_attention(model: nn.Module, fusion: Fusion, backend: str = "torch") -> None:
     attn = model.get_submodule(fusion.name)
     q, k, v = (model.get_submodule(n) for n in fusion.members)
     heads, kv_heads = q.out_features // attn.head_dim, k.out_features // attn.head_dim
-    replace_module(model, fusion.name, RotaryAttention(attn, fuse_linears([q, k, v]), heads, kv_heads))
+    replace_module(model, fusion.name, RotaryAttention(attn, fuse_linears([q, k, v]), heads, kv_heads, backend))
 
 
 def apply_fusion(model: nn.Module, fusion: Fusion) -> None:
@@ -103,31 +106,48 @@ def _norm_offset(plan: Plan) -> float:
     return 1.0 if spec is not None and spec.norm_style == "rms_plus_one" else 0.0
 
 
-def swap_norm(model: nn.Module, name: str, offset: float) -> None:
+def swap_norm(model: nn.Module, name: str, offset: float, backend: str = "torch") -> None:
     old = model.get_submodule(name)
     eps = getattr(old, "variance_epsilon", getattr(old, "eps", 1e-6))
-    replace_module(model, name, RMSNorm(old.weight, eps, offset))
+    replace_module(model, name, RMSNorm(old.weight, eps, offset, backend))
+
+
+def _set_attention(model: nn.Module, attn: str | None) -> None:
+    if not attn or getattr(model.config, "_attn_implementation", None) == attn:
+        return
+    if attn == attention_interface.NAME:
+        attention_interface.register()  # adds a name to transformers' registry; changes no other model
+    model.set_attn_implementation(attn)
+
+
+NORM_KERNELS = {"torch-rms_norm": "torch", "triton-rms_norm": "triton", "triton-add_rms_norm": "triton"}
 
 
 def kernels_pass(model: nn.Module, plan: Plan) -> list[tuple[str, str, str]]:
     swaps = []
-    attn = plan.model_settings.get("attn_implementation")
-    if attn and getattr(model.config, "_attn_implementation", None) != attn:
-        model.set_attn_implementation(attn)
+    _set_attention(model, plan.model_settings.get("attn_implementation"))
+    backend = plan.model_settings.get("kernels", "torch")
     offset = _norm_offset(plan)
     for e in plan.by_action("swap"):
-        if e.kernel == "torch-rms_norm":
-            swap_norm(model, e.name, offset)
+        if e.kernel in NORM_KERNELS:
+            swap_norm(model, e.name, offset, NORM_KERNELS[e.kernel])
             swaps.append((e.name, e.module_type, "RMSNorm"))
     spec = spec_by_family(plan.family)
     for f in plan.fusions:
         if f.kind == "gated_mlp":
-            apply_gated_mlp(model, f, spec.gated_mlp_act, spec.roles["down"].rsplit(".", 1)[-1])
+            apply_gated_mlp(model, f, spec.gated_mlp_act, spec.roles["down"].rsplit(".", 1)[-1], backend)
             swaps.append((f.name, "MLP", "GatedMLP"))
         elif f.kind == "rotary_attention":
-            apply_rotary_attention(model, f)
+            apply_rotary_attention(model, f, backend)
             swaps.append((f.name, "Attention", "RotaryAttention"))
+        elif f.kind == "decoder_layer":
+            continue  # after every part of the block is in place: below
         else:
             apply_fusion(model, f)
             swaps.extend((n, "linear", f"ProjectionSlice of {f.kind}") for n in f.members)
+    for f in plan.fusions:
+        if f.kind == "decoder_layer":
+            layer = model.get_submodule(f.name)
+            decoder_layer.bind(layer)
+            swaps.append((f.name, type(layer).__name__, "forward with fused residual adds"))
     return swaps

@@ -9,9 +9,9 @@ computes all three.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from .dispatch import attend, project_add, use_triton
 from .rms_norm import rms_norm
 
 
@@ -85,29 +85,21 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """One query token against the cache: q (b, h, 1, d), k/v (b, hk, S, d).
-
-    Query heads that share a kv head are one (group, d) matrix, so GQA needs no
-    repeated keys. On CPU this is 2-8x faster than SDPA's flash kernel for one
-    token (which tiles for long queries), with the same fp32 math.
-    """
-    b, h, _, d = q.shape
-    hk = k.shape[1]
-    scores = torch.matmul(q.reshape(b, hk, h // hk, d), k.transpose(-1, -2)).mul_(scale)
-    return torch.matmul(scores.softmax(dim=-1), v).reshape(b, h, 1, d)
-
-
 class RotaryAttention(nn.Module):
     """Llama-style self-attention with q/k/v as one matmul and one rotary pass.
 
-    Same math as transformers' Llama/Mistral/Qwen2/Gemma attention forward with
-    SDPA, in fewer ops: the fused projection is viewed as heads once, q and k
-    are rotated together, and SDPA handles GQA. The KV cache is the model's own
-    Cache object, so generate(), static caches and padding masks work as before.
+    Same math as transformers' Llama/Mistral/Qwen2/Gemma attention forward, in fewer ops: the
+    fused projection is viewed as heads once, q and k are rotated together, and the attention
+    itself is `dispatch.attend` (SDPA or grouped matmuls on the torch backend; the flash and
+    split-KV Triton kernels on the triton backend). The KV cache is the model's own Cache
+    object, so generate(), static caches and padding masks work as before.
+
+    `residual`, when given, is added to the output projection (inside its matmul on the Triton
+    path): the decoder layer's forward bound by `bind_fused_decoder_layer` passes it.
     """
 
-    def __init__(self, attn: nn.Module, qkv: nn.Module, num_heads: int, num_kv_heads: int) -> None:
+    def __init__(self, attn: nn.Module, qkv: nn.Module, num_heads: int, num_kv_heads: int,
+                 backend: str = "torch") -> None:
         super().__init__()
         self.qkv, self.o_proj = qkv, attn.o_proj
         self.layer_idx = attn.layer_idx
@@ -116,9 +108,10 @@ class RotaryAttention(nn.Module):
         self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
         self.config = attn.config  # read by transformers' mask and cache helpers
         self.is_causal = True
+        self.backend = backend
 
     def forward(self, hidden_states: torch.Tensor, position_embeddings=None, attention_mask=None,
-                past_key_values=None, **kwargs):
+                past_key_values=None, residual: torch.Tensor | None = None, **kwargs):
         b, s, _ = hidden_states.shape
         h, hk = self.num_heads, self.num_kv_heads
         qkv = self.qkv(hidden_states).view(b, s, h + 2 * hk, self.head_dim).transpose(1, 2)
@@ -129,18 +122,11 @@ class RotaryAttention(nn.Module):
         v = qkv[:, h + hk:]
         if past_key_values is not None:
             k, v = past_key_values.update(k, v, self.layer_idx)
-        if attention_mask is None and s == 1:
-            out = _decode_attention(q, k, v, self.scaling)
-        elif attention_mask is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=s > 1, scale=self.scaling,
-                                                 enable_gqa=h != hk)
-        else:
-            # Masked GQA: expand the kv heads, as transformers does; SDPA's
-            # enable_gqa does not take a mask on every backend.
-            if h != hk:
-                k, v = k.repeat_interleave(h // hk, dim=1), v.repeat_interleave(h // hk, dim=1)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, scale=self.scaling)
-        return self.o_proj(out.transpose(1, 2).reshape(b, s, -1)), None
+        out = attend(self.backend, q, k, v, attention_mask, self.scaling)
+        return project_add(self.backend, self.o_proj, out.transpose(1, 2).reshape(b, s, -1), residual), None
+
+    def extra_repr(self) -> str:
+        return f"heads={self.num_heads}, kv_heads={self.num_kv_heads}, backend={self.backend}"
 
 
 class GatedMLP(nn.Module):
@@ -148,27 +134,38 @@ class GatedMLP(nn.Module):
 
     Replaces a whole Llama-style MLP module: one module call instead of five.
     `act` is the model's own activation module, so GELU-tanh (Gemma) and SiLU
-    (Llama, Mistral, Qwen2) are both exact.
+    (Llama, Mistral, Qwen2) are both exact. `residual`, when given, is added to the down
+    projection (inside its matmul on the Triton path).
     """
 
-    def __init__(self, gate_up: nn.Module, down: nn.Module, act: nn.Module, intermediate: int) -> None:
+    def __init__(self, gate_up: nn.Module, down: nn.Module, act: nn.Module, intermediate: int,
+                 backend: str = "torch") -> None:
         super().__init__()
         self.gate_up, self.down_proj, self.act_fn = gate_up, down, act
         self.intermediate = intermediate
+        self.backend = backend
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         gate, up = self.gate_up(x).split(self.intermediate, dim=-1)
-        return self.down_proj(self.act_fn(gate) * up)
+        return project_add(self.backend, self.down_proj, self.act_fn(gate) * up, residual)
+
+    def extra_repr(self) -> str:
+        return f"intermediate={self.intermediate}, backend={self.backend}"
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm on torch's single fused op. `offset=1` gives Gemma's (1 + w) scaling."""
+    """RMSNorm in one kernel (torch's rms_norm, or Triton's). `offset=1` gives Gemma's (1 + w).
 
-    def __init__(self, weight: torch.Tensor, eps: float, offset: float = 0.0) -> None:
+    Called with a `residual`, it adds it first and returns (normalized, sum): the sum is the
+    next residual stream, and on the Triton path add and norm are one pass over the row.
+    """
+
+    def __init__(self, weight: torch.Tensor, eps: float, offset: float = 0.0, backend: str = "torch") -> None:
         super().__init__()
         self.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
         self.eps = float(eps)
         self.offset = float(offset)
+        self.backend = backend
         self._refresh()
 
     def _refresh(self) -> None:
@@ -181,10 +178,19 @@ class RMSNorm(nn.Module):
         self._refresh()
         return result
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        if use_triton(self.backend, x):
+            from .rms_norm import rms_norm_triton
+            return rms_norm_triton(x, self.weight, self.eps, residual=residual, offset=self.offset)
+        if residual is not None:
+            x = x + residual
+            return self._norm(x), x
+        return self._norm(x)
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
         if self.offset:
             return rms_norm(x.float(), self._effective, self.eps).to(x.dtype)
         return rms_norm(x, self._effective, self.eps)
 
     def extra_repr(self) -> str:
-        return f"{tuple(self.weight.shape)}, eps={self.eps}, offset={self.offset}"
+        return f"{tuple(self.weight.shape)}, eps={self.eps}, offset={self.offset}, backend={self.backend}"

@@ -108,3 +108,8 @@ def m_bucket(m: int, table: dict):
     return None
 
 
+
+
+def runs_triton(x: torch.Tensor) -> bool:
+    """Whether a Triton kernel can take `x`: a CUDA tensor, or any tensor under the interpreter."""
+    return TRITON_AVAILABLE and (x.is_cuda or interpreted())

@@ -29,11 +29,15 @@ CALL_OVERHEAD_US = {"cpu": 10.0, "cuda": 8.0}
 BLOCK_OVERHEAD_US = {"cpu": 70.0, "cuda": 60.0}
 # Attention's own small ops (rotary, cache update, SDPA) for one decoded token:
 # transformers' forward vs RotaryAttention (measured ~1 ms/token saved on 30 layers).
-ATTENTION_US = {"sdpa": 60.0, "rotary": 25.0}
+# On a GPU, "triton" is the flash / split-KV kernel pair with rotary in the same module.
+ATTENTION_US = {"sdpa": 60.0, "rotary": 25.0, "triton": 20.0}
 # One token of generate() bookkeeping (logits processing, cache, stopping checks).
 STEP_OVERHEAD_US = {"cpu": 800.0, "cuda": 400.0}
 # transformers' RMSNorm runs ~7 small ops; torch's rms_norm is one.
-NORM_US = {"torch": 17.0, "torch-rms_norm": 8.0, "torch-layer_norm": 8.0}
+NORM_US = {"torch": 17.0, "torch-rms_norm": 8.0, "torch-layer_norm": 8.0, "triton-rms_norm": 6.0,
+           "triton-add_rms_norm": 6.0}
+# One elementwise add over the hidden states (a residual), saved when a kernel fuses it.
+ADD_US = {"cpu": 6.0, "cuda": 4.0}
 
 
 @dataclass(frozen=True)
@@ -71,6 +75,10 @@ def norm_us(kernel: str, roof: Roofline) -> float:
 
 def attention_us(kind: str, roof: Roofline) -> float:
     return ATTENTION_US[kind] * (1.0 if roof.device == "cpu" else 0.5)
+
+
+def add_us(roof: Roofline) -> float:
+    return ADD_US[roof.device]
 
 
 def fixed_overhead_us(n_blocks: int, roof: Roofline) -> float:

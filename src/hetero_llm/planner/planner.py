@@ -45,6 +45,28 @@ def choose_scheme(options: Options, device: str) -> tuple[str, str]:
     return scheme, f"quantize={scheme!r} was asked for"
 
 
+def choose_kernel_backend(options: Options, device: str, hardware: Hardware) -> tuple[str, str]:
+    """("triton" | "torch", why) for attention, norms and residual adds."""
+    asked = options.kernels.backend
+    if asked == "torch":
+        return "torch", "kernels='torch' was asked for"
+    if device == "cuda":
+        if hardware.triton.can_run_gpu_kernels:
+            return "triton", "fused Triton kernels for the GPU"
+        if asked == "triton":
+            raise HardwareError(f"kernels='triton' was asked for but {hardware.name!r} cannot compile Triton kernels "
+                                "for its GPU (Triton missing or too old); install triton, or use kernels='auto'.")
+        return "torch", "no Triton for this GPU: torch ops"
+    if asked == "triton":
+        from ..kernels.triton_utils import interpreted  # imports triton: only when asked for
+        if interpreted():
+            return "triton", "kernels='triton' on CPU: Triton's interpreter (TRITON_INTERPRET=1), for debugging; slow"
+        raise HardwareError("kernels='triton' needs a CUDA GPU: on a CPU, Triton kernels run only in Triton's "
+                            "interpreter (set TRITON_INTERPRET=1 before anything imports triton; for debugging, "
+                            "very slow). Use kernels='auto' for the fast CPU path.")
+    return "torch", "torch kernels on CPU"
+
+
 def _linear_kernel(p: ModuleProfile, device: str, options: Options, spec: QuantSpec,
                    triton_gpu: bool = False) -> tuple[str, str]:
     """(kernel, note) for a quantized linear. `triton_gpu`: the plan's hardware compiles Triton for its GPU."""
@@ -128,7 +150,7 @@ def _plan_embedding(p: ModuleProfile, base: PlanEntry, options: Options, scheme:
 
 
 def _plan_other(p: ModuleProfile, device: str, spec: ArchitectureSpec | None, options: Options,
-                roof: cost.Roofline, scheme: str = "none") -> PlanEntry:
+                roof: cost.Roofline, scheme: str = "none", backend: str = "torch") -> PlanEntry:
     base = PlanEntry(p.name, p.module_type, p.role, "keep", device, "torch", params=p.params)
     if spec is None:
         return replace(base, action="skip", reason="unknown architecture: no role table, left untouched")
@@ -143,17 +165,26 @@ def _plan_other(p: ModuleProfile, device: str, spec: ArchitectureSpec | None, op
             return replace(base, reason="LayerNorm is already one torch kernel", decode_us_before=t, decode_us_after=t)
         if not options.kernels.fuse_norms:
             return replace(base, reason="fuse_norms=False", decode_us_before=t, decode_us_after=t)
+        if backend == "triton":
+            return replace(base, action="swap", kernel="triton-rms_norm", decode_us_before=t,
+                           decode_us_after=cost.norm_us("triton-rms_norm", roof),
+                           reason="RMSNorm's seven small ops become one Triton kernel (statistics in fp32)")
         return replace(base, action="swap", kernel="torch-rms_norm", decode_us_before=t,
                        decode_us_after=cost.norm_us("torch-rms_norm", roof),
                        reason="RMSNorm's seven small ops become torch's single rms_norm")
     if p.kind == "attention":
         t = cost.attention_us("sdpa", roof)
+        if backend == "triton":
+            return replace(base, action="swap", kernel="triton-attention", decode_us_before=t,
+                           decode_us_after=cost.attention_us("triton", roof),
+                           reason="Triton flash attention (prefill) and split-KV flash decoding (one token), "
+                                  "through transformers' attention interface")
         return replace(base, kernel="sdpa", decode_us_before=t, decode_us_after=t,
                        reason="scaled_dot_product_attention (fused, KV cache kept)")
     return replace(base, action="skip", reason=f"{p.module_type} has no role in the {spec.family} table")
 
 
-def _fusions(entries: dict[str, PlanEntry], groups, options: Options, roof) -> list[Fusion]:
+def _fusions(entries: dict[str, PlanEntry], groups, options: Options, roof, backend: str = "torch") -> list[Fusion]:
     if not options.kernels.fuse_projections:
         return []
     out = []
@@ -162,7 +193,13 @@ def _fusions(entries: dict[str, PlanEntry], groups, options: Options, roof) -> l
         if len({(e.action, e.kernel, e.quant, e.device) for e in es}) != 1:
             continue  # members planned differently cannot share one matmul
         out.append(Fusion(fused_name, tuple(members), kind))
-        if kind == "rotary_attention":
+        if kind == "rotary_attention" and backend == "triton":
+            entries[fused_name] = replace(
+                entries[fused_name], action="swap", kernel="triton-attention+rotary",
+                decode_us_after=cost.attention_us("triton", roof),
+                reason="one q/k/v matmul, q and k rotated together; Triton flash attention for prompts, "
+                       "split-KV flash decoding for single tokens")
+        elif kind == "rotary_attention":
             entries[fused_name] = replace(
                 entries[fused_name], action="swap", kernel="sdpa+rotary",
                 decode_us_after=cost.attention_us("rotary", roof),
@@ -172,6 +209,43 @@ def _fusions(entries: dict[str, PlanEntry], groups, options: Options, roof) -> l
             entries[m] = replace(entries[m], decode_us_after=max(entries[m].decode_us_after - saved, 0.0),
                                  kernel=f"{entries[m].kernel}+fused:{kind}")
         entries[members[0]] = replace(entries[members[0]], kernel=f"{entries[members[0]].kernel}+fused:{kind}")
+    return out
+
+
+def _residual_fusions(model: nn.Module, spec: ArchitectureSpec | None, entries: dict[str, PlanEntry],
+                      fusions: list[Fusion], roof: cost.Roofline) -> list[Fusion]:
+    """Llama-style blocks whose residual adds go into the o/down matmuls (linear_add) or the
+    post-attention norm (add + RMSNorm): the block's attention, MLP and both norms must all be
+    swapped for fused modules, and the block must have nothing else."""
+    from ..kernels.decoder_layer import LAYER_CHILDREN
+
+    if spec is None or spec.attention_style != "rotary" or not spec.gated_mlp_act:
+        return []
+    swapped = {f.name for f in fusions if f.kind in ("rotary_attention", "gated_mlp")}
+    out = []
+    for i, layer in enumerate(model.get_submodule(spec.layers)):
+        prefix = f"{spec.layers}.{i}"
+        parts = {r: f"{prefix}.{spec.roles[r]}" for r in ("attention", "mlp", "attn_norm", "mlp_norm", "o", "down")}
+        norms = [entries.get(parts[r]) for r in ("attn_norm", "mlp_norm")]
+        if (set(dict(layer.named_children())) != LAYER_CHILDREN or not {parts["attention"], parts["mlp"]} <= swapped
+                or any(e is None or e.kernel != "triton-rms_norm" for e in norms)):
+            continue
+        out.append(Fusion(prefix, tuple(parts[r] for r in ("attention", "mlp", "attn_norm", "mlp_norm")),
+                          "decoder_layer"))
+        for role in ("o", "down"):
+            e = entries[parts[role]]
+            saved = cost.add_us(roof)
+            if e.action == "keep":  # a floating-point Linear: the add goes into its epilogue
+                entries[e.name] = replace(e, action="swap", kernel="triton-linear_add",
+                                          decode_us_after=max(e.decode_us_after - saved, 0.0),
+                                          reason="matmul with the bias and the residual add in its epilogue "
+                                                 "(Triton linear_add): one kernel instead of two")
+            elif role == "o":  # quantized: the add moves into the next norm instead
+                n = entries[parts["mlp_norm"]]
+                entries[n.name] = replace(n, kernel="triton-add_rms_norm",
+                                          decode_us_after=max(n.decode_us_after - saved, 0.0),
+                                          reason="adds the attention output to the residual stream and "
+                                                 "normalizes in one Triton pass")
     return out
 
 
@@ -223,13 +297,16 @@ def make_plan(model: nn.Module, hardware: Hardware, options: Options, *, strict:
     tied = _tied(model)
     # GPU profiles describe machines with Triton; an inspected machine reports its own.
     triton_gpu = device == "cuda" and hardware.triton.can_run_gpu_kernels
+    backend, _ = choose_kernel_backend(options, device, hardware)
     entries: dict[str, PlanEntry] = {}
     for p in profiles:
         if p.kind == "linear":
             entries[p.name] = _plan_linear(p, device, options, scheme, why, roof, p.name in tied, triton_gpu)
         else:
-            entries[p.name] = _plan_other(p, device, spec, options, roof, scheme)
-    fusions = _fusions(entries, role_map.fusion_groups if role_map else [], options, roof)
+            entries[p.name] = _plan_other(p, device, spec, options, roof, scheme, backend)
+    fusions = _fusions(entries, role_map.fusion_groups if role_map else [], options, roof, backend)
+    if backend == "triton":
+        fusions += _residual_fusions(model, spec, entries, fusions, roof)
     notes = []
     if spec is None:
         notes.append(f"model_type {model_type_of(model)!r} has no role table: Linear layers are "
@@ -244,7 +321,10 @@ def make_plan(model: nn.Module, hardware: Hardware, options: Options, *, strict:
         notes.append(f"the weights ({prediction.weight_mb_after / 1024:.1f} GiB) exceed {device} memory "
                      f"({capacity / 2**30:.1f} GiB): this version does not split a model across devices")
     ordered = list(entries.values())
-    settings = {"attn_implementation": "sdpa"} if hasattr(model, "set_attn_implementation") else {}
+    settings = {}
+    if hasattr(model, "set_attn_implementation"):
+        settings["attn_implementation"] = "hetero_llm" if backend == "triton" else "sdpa"
+    settings["kernels"] = backend
     return Plan(model_type=model_type_of(model), family=spec.family if spec else None, device=device,
                 hardware=hardware.to_dict(), options=options.to_dict(), entries=tuple(ordered),
                 fusions=tuple(fusions), model_settings=settings,
