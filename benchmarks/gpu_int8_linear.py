@@ -19,44 +19,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 
 import torch
 import torch.nn.functional as F
+from gpu_common import copy_bandwidth, gpu_ready, interleaved, print_table, rel_err
 
 GEMV_SHAPES = [(4096, 4096), (14336, 4096)]
-
-
-def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
-    y, ref = y.double(), ref.double()
-    if not torch.isfinite(y).all():
-        return float("nan")
-    return float((y - ref).abs().max() / ref.abs().max().clamp(min=1e-30))
-
-
-def interleaved(fns: dict, rounds: int) -> dict:
-    """Median and spread (min, max over rounds) of each fn's per-round median time in ms."""
-    from triton.testing import do_bench
-
-    for fn in fns.values():  # compile, tune and warm up outside the timed rounds
-        fn()
-    torch.cuda.synchronize()
-    times = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            times[name].append(do_bench(fn, warmup=10, rep=60, return_mode="median"))
-    return {name: dict(ms=statistics.median(t), lo=min(t), hi=max(t)) for name, t in times.items()}
-
-
-def copy_bandwidth() -> float:
-    """Measured device-to-device copy bandwidth in GB/s (bytes read + bytes written)."""
-    from triton.testing import do_bench
-
-    src = torch.empty(1 << 28, dtype=torch.float32, device="cuda").normal_()
-    dst = torch.empty_like(src)
-    ms = do_bench(lambda: dst.copy_(src), warmup=10, rep=100, return_mode="median")
-    return 2 * src.numel() * 4 / ms / 1e6
 
 
 def weights(n: int, k: int, seed: int):
@@ -134,32 +103,14 @@ def bench_w8a16_gemm(n: int, k: int, m: int, rounds: int) -> list[dict]:
             for name, r in t.items()]
 
 
-def print_table(rows: list[dict], copy_gbps: float) -> None:
-    """One line per variant; GB/s also as a fraction of the measured copy bandwidth."""
-    print(f"{'op':<28} {'variant':<13} {'ms':>8} {'spread':>15} {'vs bf16':>8} "
-          f"{'GB/s':>11} {'TFLOP/s':>8} {'max rel err':>11}  config")
-    for r in rows:
-        gbps = f"{r['gbps']:.0f} ({r['gbps'] / copy_gbps:.0%})" if "gbps" in r else ""
-        tflops = f"{r['tflops']:.0f}" if r.get("tflops") else ""
-        spread = f"{r['lo']:.4f}-{r['hi']:.4f}"
-        print(f"{r['op']:<28} {r['variant']:<13} {r['ms']:>8.4f} {spread:>15} {r['speedup']:>7.2f}x "
-              f"{gbps:>11} {tflops:>8} {r['err']:>11.2e}  {r.get('config', '')}")
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", metavar="PATH", help="also write the results here")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds")
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("No CUDA GPU here: nothing to benchmark (the kernels' CPU tests run under the "
-              "Triton interpreter instead).")
+    if not gpu_ready():
         return 0
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        print("Triton is not installed: nothing to benchmark.")
-        return 0
+    import triton
     torch.manual_seed(0)
     device = torch.cuda.get_device_name()
     bandwidth = copy_bandwidth()
@@ -170,7 +121,7 @@ def main(argv=None) -> int:
     for n, k in GEMV_SHAPES:
         rows += bench_w8a8(n, k, 4096, args.rounds)
     rows += bench_w8a16_gemm(4096, 4096, 512, args.rounds)
-    print_table(rows, bandwidth)
+    print_table(rows, bandwidth, baseline="vs bf16")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(device=device, copy_gbps=bandwidth, torch=torch.__version__,
