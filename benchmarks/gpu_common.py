@@ -6,6 +6,7 @@ variants interleaved round by round, the median over rounds reported with its sp
 from __future__ import annotations
 
 import statistics
+import time
 
 import torch
 
@@ -18,13 +19,22 @@ def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
     return float((y - ref).abs().max() / ref.abs().max().clamp(min=1e-30))
 
 
+def _host_clock(fn, warmup: int = 0, rep: int = 0, return_mode: str = "median") -> float:
+    """One timed call, in ms: the CPU smoke runs of the benchmarks, where do_bench cannot run."""
+    start = time.perf_counter()
+    fn()
+    return (time.perf_counter() - start) * 1e3
+
+
 def interleaved(fns: dict, rounds: int, rep_ms: int = 60) -> dict:
     """Median and spread (min, max over rounds) of each fn's per-round median time in ms."""
-    from triton.testing import do_bench
-
     for fn in fns.values():  # compile, tune and warm up outside the timed rounds
         fn()
-    torch.cuda.synchronize()
+    if torch.cuda.is_available():
+        from triton.testing import do_bench
+        torch.cuda.synchronize()
+    else:
+        do_bench = _host_clock
     times = {name: [] for name in fns}
     for i in range(rounds):
         order = list(fns.items()) if i % 2 == 0 else list(fns.items())[::-1]  # no fixed position

@@ -1,0 +1,56 @@
+"""The GPU benchmark scripts' code paths, run once on CPU with tiny shapes.
+
+A lent GPU is rare and its time is short: a typo in a benchmark must not cost it. This runs
+each function of benchmarks/kernels.py under Triton's interpreter (in a child process, which
+must set TRITON_INTERPRET before triton is imported) in fp32 at toy sizes, and checks the rows
+and the target summary it would print. The figures mean nothing here.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TRITON = pytest.importorskip("triton", reason="needs Triton (its interpreter runs the kernels on CPU)")
+
+SMOKE = r"""
+import json, sys
+import torch
+sys.path.insert(0, "benchmarks")
+import kernels as K
+K.DEVICE, K.DTYPE = "cpu", torch.float32
+rows = (K.bench_prefill(40, 2, 2, 1, d=64) + K.bench_prefill(40, 4, 2, 1, d=64)
+        + K.bench_decode(300, 1, 1, h=4, hk=2, d=64) + K.bench_linear_add(3, 40, 48, 1, K._linear_add_eager)
+        + K.bench_rms_norm(5, 96, 1, K._add_rms_norm_eager))
+rows = [r for r in rows]
+print(json.dumps(dict(rows=rows, summary=K.summary(rows, 1.0))))
+"""
+
+
+def test_kernel_benchmark_functions_run_and_summarize():
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, "-c", SMOKE], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    rows = out["rows"]
+    variants = {(r["op"].split()[0], r["variant"]) for r in rows}
+    assert {("prefill", "triton"), ("prefill", "sdpa-flash"), ("prefill", "sdpa-gqa"), ("decode", "triton"),
+            ("linear_add", "triton"), ("linear_add", "compiled"), ("add+rms_norm", "triton")} <= variants
+    for r in rows:  # every variant computed the same function (fp32 here)
+        assert r["err"] < 1e-4, r
+        assert r["ms"] > 0 and r["speedup"] > 0
+    assert len(out["summary"]) == 4 and all(s.split()[0] in ("MET", "MISSED") for s in out["summary"])
+
+
+def test_benchmark_scripts_say_so_without_a_gpu():
+    for script in ("kernels.py", "e2e_prefill_gpu.py", "gpu_int8_linear.py"):
+        proc = subprocess.run([sys.executable, f"benchmarks/{script}"], cwd=REPO, capture_output=True, text=True,
+                              timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "No CUDA GPU here" in proc.stdout
