@@ -126,6 +126,8 @@ def _compile_one(spec: dict, out_dir: Path, index: int) -> dict:
             signature[param.name], constexprs[param.name] = "constexpr", value
         elif isinstance(value, str) and value.startswith("*"):
             signature[param.name], attrs[(i,)] = value, [["tt.divisibility", 16]]
+        elif isinstance(value, float):  # a scale: a launch passes Python floats as fp32
+            signature[param.name] = "fp32"
         else:
             signature[param.name] = "i32"
             if value % 16 == 0:
