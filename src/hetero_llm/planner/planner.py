@@ -39,7 +39,8 @@ def choose_scheme(options: Options, device: str) -> tuple[str, str]:
         if device == "cpu":
             return "int8", ("decode on CPU is memory-bound: INT8 weights read 4x fewer bytes than fp32 "
                             "and per-channel scales keep accuracy")
-        return "none", "no GPU INT8 kernel in this version: the GPU runs the model's own dtype"
+        return "none", ("on a GPU, quantize='auto' keeps the model's dtype: the Triton INT8 kernels are opt-in "
+                         "(quantize='int8' or 'w8a8') until their speed is measured on a GPU")
     if scheme == "none":
         return "none", "quantize='none' was asked for"
     return scheme, f"quantize={scheme!r} was asked for"
