@@ -46,26 +46,26 @@ def choose_scheme(options: Options, device: str) -> tuple[str, str]:
     return scheme, f"quantize={scheme!r} was asked for"
 
 
-def choose_kernel_backend(options: Options, device: str, hardware: Hardware) -> tuple[str, str]:
-    """("triton" | "torch", why) for attention, norms and residual adds."""
+def choose_kernel_backend(options: Options, device: str, hardware: Hardware) -> str:
+    """"triton" or "torch", for attention, norms and residual adds (each entry says why)."""
     asked = options.kernels.backend
     if asked == "torch":
-        return "torch", "kernels='torch' was asked for"
+        return "torch"
     if device == "cuda":
         if hardware.triton.can_run_gpu_kernels:
-            return "triton", "fused Triton kernels for the GPU"
+            return "triton"
         if asked == "triton":
             raise HardwareError(f"kernels='triton' was asked for but {hardware.name!r} cannot compile Triton kernels "
                                 "for its GPU (Triton missing or too old); install triton, or use kernels='auto'.")
-        return "torch", "no Triton for this GPU: torch ops"
+        return "torch"
     if asked == "triton":
         from ..kernels.triton_utils import interpreted  # imports triton: only when asked for
-        if interpreted():
-            return "triton", "kernels='triton' on CPU: Triton's interpreter (TRITON_INTERPRET=1), for debugging; slow"
+        if interpreted():  # Triton's CPU interpreter: for debugging kernels, slow
+            return "triton"
         raise HardwareError("kernels='triton' needs a CUDA GPU: on a CPU, Triton kernels run only in Triton's "
                             "interpreter (set TRITON_INTERPRET=1 before anything imports triton; for debugging, "
                             "very slow). Use kernels='auto' for the fast CPU path.")
-    return "torch", "torch kernels on CPU"
+    return "torch"
 
 
 def _linear_kernel(p: ModuleProfile, device: str, options: Options, spec: QuantSpec,
@@ -298,7 +298,7 @@ def make_plan(model: nn.Module, hardware: Hardware, options: Options, *, strict:
     tied = _tied(model)
     # GPU profiles describe machines with Triton; an inspected machine reports its own.
     triton_gpu = device == "cuda" and hardware.triton.can_run_gpu_kernels
-    backend, _ = choose_kernel_backend(options, device, hardware)
+    backend = choose_kernel_backend(options, device, hardware)
     entries: dict[str, PlanEntry] = {}
     for p in profiles:
         if p.kind == "linear":
