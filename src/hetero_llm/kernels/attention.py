@@ -34,7 +34,8 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import InvalidOptionError
-from .triton_utils import TRITON_AVAILABLE, jit, on_device, pick_config, require_triton, tl, triton
+from .triton_utils import (TRITON_AVAILABLE, jit, load_tile, on_device, pick_config, require_triton, tl,
+                           triton)
 
 LOG2E = 1.4426950408889634
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -118,22 +119,16 @@ def _attn_blocks(acc, l_i, m_i, q, k_ptrs, v_ptrs, mask_ptrs, offs_m, offs_n, d_
     """Online softmax over the key blocks [lo, hi). MASKED: the blocks may hold keys past Sk or
     past the causal diagonal; otherwise every key is visible to every row and nothing is masked.
     q: the q tile (16-bit), or pointers to its first D_CHUNK columns (fp32, see _qk_ieee)."""
-    EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
+    PAD_D: tl.constexpr = HEAD_DIM != BLOCK_D  # head_dim 80, 96: the tile's last columns are padding
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         offs = start_n.to(tl.int64)
         cols = start_n + offs_n
-        kv_ok = (cols < Sk)[:, None] & d_ok[None, :]
         if FP32:
             s = _qk_ieee(q, k_ptrs + offs * stride_kn, cols < Sk, HEAD_DIM, BLOCK_M, BLOCK_N,
                          BLOCK_D, D_CHUNK)
         else:
-            if MASKED:
-                k = tl.load(k_ptrs + offs * stride_kn, mask=kv_ok, other=0.0)
-            elif EVEN_D:
-                k = tl.load(k_ptrs + offs * stride_kn)
-            else:
-                k = tl.load(k_ptrs + offs * stride_kn, mask=d_ok[None, :], other=0.0)
+            k = load_tile(k_ptrs + offs * stride_kn, cols < Sk, d_ok, MASKED, PAD_D)
             s = tl.dot(q, tl.trans(k))
         s = s * qk_scale  # 16-bit: log2 units, exp2(s) == exp(q·k·scale); fp32: natural units
         if HAS_MASK:
@@ -156,12 +151,7 @@ def _attn_blocks(acc, l_i, m_i, q, k_ptrs, v_ptrs, mask_ptrs, offs_m, offs_n, d_
             p = tl.math.exp2(s - m_new_safe[:, None])
             alpha = tl.math.exp2(m_i - m_new_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        if MASKED:
-            v = tl.load(v_ptrs + offs * stride_vn, mask=kv_ok, other=0.0)
-        elif EVEN_D:
-            v = tl.load(v_ptrs + offs * stride_vn)
-        else:
-            v = tl.load(v_ptrs + offs * stride_vn, mask=d_ok[None, :], other=0.0)
+        v = load_tile(v_ptrs + offs * stride_vn, cols < Sk, d_ok, MASKED, PAD_D)
         acc = acc * alpha[:, None]
         if FP32:
             acc = tl.dot(p, v, acc, input_precision="ieee")

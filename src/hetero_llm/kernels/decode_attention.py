@@ -28,7 +28,8 @@ import numbers
 import torch
 
 from ..errors import InvalidOptionError
-from .triton_utils import TRITON_AVAILABLE, jit, on_device, pick_config, require_triton, tl, triton
+from .triton_utils import (TRITON_AVAILABLE, jit, load_tile, on_device, pick_config, require_triton, tl,
+                           triton)
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 256
@@ -67,25 +68,11 @@ def _family(d: int, dtype: torch.dtype) -> str:
 # -- kernels -----------------------------------------------------------------------------------
 
 @jit
-def _load_tile(ptrs, rows_ok, cols_ok, MASK_N: tl.constexpr, MASK_D: tl.constexpr):
-    # Masks only where needed: the full tiles of the main loop load with no predicate at all.
-    if MASK_N and MASK_D:
-        t = tl.load(ptrs, mask=rows_ok[:, None] & cols_ok[None, :], other=0.0)
-    elif MASK_N:
-        t = tl.load(ptrs, mask=rows_ok[:, None], other=0.0)
-    elif MASK_D:
-        t = tl.load(ptrs, mask=cols_ok[None, :], other=0.0)
-    else:
-        t = tl.load(ptrs)
-    return t
-
-
-@jit
 def _attend(q, k_ptrs, v_ptrs, n_ok, d_ok, acc, m_i, l_i, qk_scale,
             MASK_N: tl.constexpr, MASK_D: tl.constexpr, FP32: tl.constexpr):
     """One BLOCK_N tile of keys: the online-softmax update of (acc, m_i, l_i)."""
-    k = _load_tile(k_ptrs, n_ok, d_ok, MASK_N, MASK_D)
-    v = _load_tile(v_ptrs, n_ok, d_ok, MASK_N, MASK_D)
+    k = load_tile(k_ptrs, n_ok, d_ok, MASK_N, MASK_D)
+    v = load_tile(v_ptrs, n_ok, d_ok, MASK_N, MASK_D)
     if FP32:
         # Reduction trees, not tl.dot: an fp32 dot (even "ieee") accumulates D products one
         # after another, and its score errors measured 1.3x (up to 4.6x) those of torch's CPU

@@ -50,6 +50,21 @@ def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_
 
 
 
+@jit
+def load_tile(ptrs, rows_ok, cols_ok, MASK_ROWS: tl.constexpr, MASK_COLS: tl.constexpr):
+    """A 2-D tile, masked (zeros outside) only along the dims that need it: the full tiles of a
+    main loop load with no predicate at all."""
+    if MASK_ROWS and MASK_COLS:
+        t = tl.load(ptrs, mask=rows_ok[:, None] & cols_ok[None, :], other=0.0)
+    elif MASK_ROWS:
+        t = tl.load(ptrs, mask=rows_ok[:, None], other=0.0)
+    elif MASK_COLS:
+        t = tl.load(ptrs, mask=cols_ok[None, :], other=0.0)
+    else:
+        t = tl.load(ptrs)
+    return t
+
+
 # -- launch helpers ----------------------------------------------------------------------------
 
 _BEST: dict = {}
