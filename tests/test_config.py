@@ -73,10 +73,10 @@ def test_options_dict_round_trip():
     o = Options.from_kwargs(quantize=QuantConfig(scheme="int8-asym", lm_head=False),
                             kernels=KernelConfig(fuse_norms=False), device="cpu")
     d = o.to_dict()
-    assert set(d) == {"quantize", "prune", "kernels", "placement"}
+    assert set(d) == {"quantize", "prune", "kernels", "placement", "workload"}
     assert d["quantize"] == {"scheme": "int8-asym", "granularity": "channel", "group_size": 128,
                              "smooth_alpha": 0.5, "outlier_channels": 0, "lm_head": False, "embeddings": True,
-                             "version": CONFIG_VERSION}
+                             "overrides": {}, "version": CONFIG_VERSION}
     assert Options.from_dict(json.loads(json.dumps(d))) == o
 
 

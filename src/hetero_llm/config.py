@@ -8,7 +8,9 @@ record exactly what was asked.
 from __future__ import annotations
 
 import difflib
-from dataclasses import asdict, dataclass, fields
+import fnmatch
+import re
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from .errors import InvalidOptionError
@@ -42,6 +44,77 @@ def _positive_int(option: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise InvalidOptionError(f"{option} must be a positive integer; got {value!r}")
     return value
+
+
+class FrozenDict(dict):
+    """A read-only dict, so that configs holding one stay hashable."""
+
+    def __hash__(self) -> int:  # type: ignore[override]
+        return hash(tuple(sorted(self.items())))
+
+    def _read_only(self, *args: Any, **kwargs: Any) -> None:
+        raise TypeError("config mappings are read-only; build a new config instead")
+
+    __setitem__ = __delitem__ = clear = pop = popitem = setdefault = update = _read_only  # type: ignore[assignment]
+
+
+def _overrides(value: Any, schemes: tuple[str, ...], later: tuple[str, ...]) -> dict[str, str]:
+    """Per-module scheme pins: {fnmatch pattern of module names: scheme}."""
+    if not isinstance(value, dict):
+        raise InvalidOptionError("QuantConfig.overrides must be a dict of module-name patterns to schemes, e.g. "
+                                 f"{{'*.mlp.down_proj': 'none'}}; got {value!r}")
+    out = {}
+    for pattern, scheme in value.items():
+        if not isinstance(pattern, str) or not pattern:
+            raise InvalidOptionError(f"QuantConfig.overrides keys must be non-empty module-name patterns; got {pattern!r}")
+        out[pattern] = _choice(f"QuantConfig.overrides[{pattern!r}]", scheme, schemes, later)
+    return FrozenDict(out)
+
+
+_SIZE = re.compile(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]?i?b)?\s*", re.IGNORECASE)
+_UNITS = {None: 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_DEVICE = re.compile(r"cpu|cuda(:\d+)?")
+
+
+def parse_bytes(option: str, value: Any) -> int:
+    """A memory size: an int of bytes, or a string like "8GiB", "512MB", "1.5 GB"."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    m = _SIZE.fullmatch(value) if isinstance(value, str) else None
+    if m is None:
+        raise InvalidOptionError(f"{option} must be a number of bytes or a size such as '8GiB' or '512MB'; "
+                                 f"got {value!r}")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower() if m.group(2) else None])
+
+
+def _device_name(option: str, value: Any, extra: tuple[str, ...] = ()) -> str:
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        value = f"cuda:{value}"  # accelerate's convention: a GPU index
+    v = value.strip().lower() if isinstance(value, str) else None
+    if v is None or not (_DEVICE.fullmatch(v) or v in extra):
+        allowed = "'cpu', 'cuda', 'cuda:N' or a GPU index" + "".join(f", {e!r}" for e in extra)
+        raise InvalidOptionError(f"{option} must be {allowed}; got {value!r}")
+    return "cuda:0" if v == "cuda" else v
+
+
+def _max_memory(value: Any) -> dict[str, int]:
+    if not isinstance(value, dict):
+        raise InvalidOptionError(f"max_memory must be a dict such as {{'cuda': '8GiB', 'cpu': '64GiB'}}; got {value!r}")
+    return FrozenDict({_device_name("a max_memory key", k): parse_bytes(f"max_memory[{k!r}]", v)
+                       for k, v in value.items()})
+
+
+def _device_map(value: Any) -> dict[str, str]:
+    if not isinstance(value, dict):
+        raise InvalidOptionError("device_map must be a dict of module names to devices, e.g. "
+                                 f"{{'model.layers.30': 'cpu'}}; got {value!r}")
+    out = {}
+    for name, dev in value.items():
+        if not isinstance(name, str):
+            raise InvalidOptionError(f"device_map keys must be module names (str); got {name!r}")
+        out[name] = _device_name(f"device_map[{name!r}]", dev, ("offload",))
+    return FrozenDict(out)
 
 
 class _Config:
@@ -95,6 +168,7 @@ class QuantConfig(_Config):
     outlier_channels: int = 0
     lm_head: bool = True
     embeddings: bool = True
+    overrides: dict[str, str] = field(default_factory=dict)
     version: int = CONFIG_VERSION
 
     SCHEMES = ("auto", "int8", "int8-asym", "w8a8", "none")
@@ -113,13 +187,23 @@ class QuantConfig(_Config):
                                      f"got {self.outlier_channels!r}")
         _bool("QuantConfig.lm_head", self.lm_head)
         _bool("QuantConfig.embeddings", self.embeddings)
+        object.__setattr__(self, "overrides", _overrides(self.overrides, self.SCHEMES[1:], self.LATER))
         if self.scheme == "w8a8" and self.granularity != "channel":
             raise InvalidOptionError("quantize='w8a8' uses per-channel weight scales (the integer matmul "
                                      "applies one scale per output); drop granularity or use scheme='int8'.")
 
     @property
     def needs_calibration(self) -> bool:
-        return self.scheme == "w8a8" and (self.smooth_alpha > 0 or self.outlier_channels > 0)
+        uses_w8a8 = self.scheme == "w8a8" or "w8a8" in self.overrides.values()
+        return uses_w8a8 and (self.smooth_alpha > 0 or self.outlier_channels > 0)
+
+    def override_for(self, module_name: str) -> str | None:
+        """The scheme pinned for `module_name` (the last matching pattern wins), or None."""
+        found = None
+        for pattern, scheme in self.overrides.items():
+            if fnmatch.fnmatchcase(module_name, pattern):
+                found = scheme
+        return found
 
 
 @dataclass(frozen=True)
@@ -163,17 +247,31 @@ class KernelConfig(_Config):
 
 @dataclass(frozen=True)
 class PlacementConfig(_Config):
-    """Where the model runs: one device for now; tp/pp > 1 come with sharding."""
+    """Where the model runs.
+
+    device: "auto", "cpu" or "cuda" (the main device; "auto" picks a GPU when there is one).
+    max_memory: bytes each device may hold for weights and KV cache, e.g.
+    {"cuda": "8GiB", "cpu": "64GiB"} (keys "cpu", "cuda", "cuda:N"; default: what the
+    hardware has, minus a reserve). A model over the GPU budget is split across GPU and CPU.
+    device_map: pins, {module name: "cpu" | "cuda[:N]" | "offload"} for the embedding, a
+    decoder layer (e.g. "model.layers.30"), the final norm or lm_head. "cpu" computes that
+    block on the CPU; "offload" keeps its weights in CPU memory and streams them to the GPU
+    every step. The planner places everything not pinned. tp/pp > 1 come with sharding.
+    """
 
     device: str = "auto"
     tp: int = 1
     pp: int = 1
+    max_memory: dict[str, int] = field(default_factory=dict)
+    device_map: dict[str, str] = field(default_factory=dict)
     version: int = CONFIG_VERSION
 
     DEVICES = ("auto", "cpu", "cuda")
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "device", _choice("device", self.device, self.DEVICES))
+        object.__setattr__(self, "max_memory", _max_memory(self.max_memory))
+        object.__setattr__(self, "device_map", _device_map(self.device_map))
         for name in ("tp", "pp"):
             if _positive_int(name, getattr(self, name)) > 1:
                 raise InvalidOptionError(
@@ -183,7 +281,22 @@ class PlacementConfig(_Config):
 
 _SHORTCUT_FIELD = {"quantize": (QuantConfig, "scheme"), "prune": (PruneConfig, "method"),
                    "kernels": (KernelConfig, "backend")}
-OPTION_NAMES = ("quantize", "prune", "kernels", "device", "tp", "pp")
+OPTION_NAMES = ("quantize", "prune", "kernels", "device", "tp", "pp", "max_memory", "device_map",
+                "batch_size", "prompt_len")
+
+
+@dataclass(frozen=True)
+class WorkloadConfig(_Config):
+    """What the planner optimizes for: `batch_size` sequences decoded together after a
+    `prompt_len`-token prompt (sizes the KV cache and the prefill prediction)."""
+
+    batch_size: int = 1
+    prompt_len: int = 512
+    version: int = CONFIG_VERSION
+
+    def __post_init__(self) -> None:
+        _positive_int("batch_size", self.batch_size)
+        _positive_int("prompt_len", self.prompt_len)
 
 
 @dataclass(frozen=True)
@@ -194,6 +307,7 @@ class Options(_Config):
     prune: PruneConfig = PruneConfig()
     kernels: KernelConfig = KernelConfig()
     placement: PlacementConfig = PlacementConfig()
+    workload: WorkloadConfig = WorkloadConfig()
 
     @classmethod
     def from_kwargs(cls, **options: Any) -> "Options":
@@ -218,7 +332,11 @@ class Options(_Config):
                     f"{name} must be a string or a {config_cls.__name__}; got {type(value).__name__}")
         device = options.get("device")
         built["placement"] = PlacementConfig(device="auto" if device is None else device,
-                                             tp=options.get("tp", 1), pp=options.get("pp", 1))
+                                             tp=options.get("tp", 1), pp=options.get("pp", 1),
+                                             max_memory=options.get("max_memory") or {},
+                                             device_map=options.get("device_map") or {})
+        built["workload"] = WorkloadConfig(batch_size=options.get("batch_size", 1),
+                                           prompt_len=options.get("prompt_len", 512))
         return cls(**built)
 
     @classmethod
@@ -226,4 +344,5 @@ class Options(_Config):
         return cls(quantize=QuantConfig.from_dict(data["quantize"]),
                    prune=PruneConfig.from_dict(data["prune"]),
                    kernels=KernelConfig.from_dict(data["kernels"]),
-                   placement=PlacementConfig.from_dict(data["placement"]))
+                   placement=PlacementConfig.from_dict(data["placement"]),
+                   workload=WorkloadConfig.from_dict(data.get("workload", {})))

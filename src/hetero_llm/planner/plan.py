@@ -55,12 +55,21 @@ class Fusion:
 
 @dataclass(frozen=True)
 class Prediction:
-    """Whole-model predictions from the cost model, per decoded token."""
+    """Whole-model predictions from the cost model.
+
+    decode_ms_*: one decode step (all sequences of the workload's batch), before and after.
+    prefill_ms_*: one prompt of the workload's length. alternatives: decode ms/step of
+    placements the planner costed and did not choose (e.g. accelerate's device_map offload),
+    so a plan shows what it beat.
+    """
 
     decode_ms_before: float
     decode_ms_after: float
     weight_mb_before: float
     weight_mb_after: float
+    prefill_ms_before: float = 0.0
+    prefill_ms_after: float = 0.0
+    alternatives: dict[str, float] = field(default_factory=dict)
 
     @property
     def decode_speedup(self) -> float:
@@ -81,6 +90,11 @@ class Plan:
     model_settings: dict[str, Any] = field(default_factory=dict)
     prediction: Prediction | None = None
     notes: tuple[str, ...] = ()
+    # Multi-device placement: top-level blocks (embedding, decoder layers, final norm, lm_head)
+    # -> execution device ("cpu", "cuda:0", ...). Empty: the whole model runs on `device`.
+    device_map: dict[str, str] = field(default_factory=dict)
+    # Blocks whose weights stay in CPU memory and are copied to their device every forward.
+    offload: tuple[str, ...] = ()
     version: int = PLAN_VERSION
 
     # -- lookups -------------------------------------------------------------
@@ -89,6 +103,19 @@ class Plan:
             if e.name == name:
                 return e
         raise KeyError(name)
+
+    @property
+    def devices(self) -> list[str]:
+        """Every device the plan runs on, main device first."""
+        main = "cuda:0" if self.device == "cuda" else self.device
+        return list(dict.fromkeys([main, *self.device_map.values()]))
+
+    def device_of(self, name: str) -> str:
+        """Execution device of module `name`: its block's entry in device_map, else the main device."""
+        for prefix, dev in self.device_map.items():
+            if name == prefix or name.startswith(prefix + "."):
+                return dev
+        return "cuda:0" if self.device == "cuda" else self.device
 
     def by_action(self, action: str) -> list[PlanEntry]:
         return [e for e in self.entries if e.action == action]
@@ -139,7 +166,8 @@ class Plan:
                 fusions=tuple(Fusion(f["name"], tuple(f["members"]), f["kind"]) for f in d["fusions"]),
                 model_settings=dict(d.get("model_settings", {})),
                 prediction=Prediction(**pred) if pred else None,
-                notes=tuple(d.get("notes", ())), version=version)
+                notes=tuple(d.get("notes", ())), device_map=dict(d.get("device_map", {})),
+                offload=tuple(d.get("offload", ())), version=version)
         except (KeyError, TypeError) as exc:
             raise PlanMismatchError(f"not a valid hetero_llm plan: {exc}") from exc
 
