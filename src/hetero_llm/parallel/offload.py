@@ -95,3 +95,8 @@ class _RealWeights:
 def remove_offload(block: nn.Module) -> None:
     """Detach the hook; accelerate puts the CPU weights back into the module."""
     remove_hook_from_module(block)
+    # accelerate restores `forward` as an instance attribute: the class's own method, bound. Drop
+    # it, so the block is as it was (an instance forward of our own, a fused layer's, stays).
+    restored = block.__dict__.get("forward")
+    if getattr(restored, "__func__", None) is getattr(type(block), "forward", None):
+        del block.forward

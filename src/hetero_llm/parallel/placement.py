@@ -53,7 +53,7 @@ def place_pass(model: nn.Module, plan: Plan) -> None:
         return
     labels = {name: canonical(plan.device_of(name)) for name in _blocks(model, plan)}
     _check_devices(labels, available_devices())
-    place(model, labels, plan.offload, {label: torch.device(label) for label in set(labels.values())})
+    place(model, labels, plan.offload, {label: physical_device(label) for label in set(labels.values())})
 
 
 def place(model: nn.Module, labels: dict[str, str], offload: tuple[str, ...] = (),
@@ -63,9 +63,9 @@ def place(model: nn.Module, labels: dict[str, str], offload: tuple[str, ...] = (
     `resolve` maps labels to physical devices (identity by default); tests map "cuda:1" to the
     CPU to exercise boundaries on a machine without GPUs.
     """
-    remove_placement(model)
-    resolve = resolve or {label: torch.device(label) for label in set(labels.values())}
+    resolve = resolve or {label: physical_device(label) for label in set(labels.values())}
     _check_blocks(model, labels, offload)
+    remove_placement(model)
     for name, label in labels.items():
         model.get_submodule(name).to("cpu" if name in offload else resolve[label])
     _move_unplaced(model, labels, resolve[next(iter(labels.values()))])
@@ -100,6 +100,11 @@ def _blocks(model: nn.Module, plan: Plan) -> list[str]:
 def available_devices() -> list[str]:
     """Device labels this machine can run on."""
     return ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count() if torch.cuda.is_available() else 0)]
+
+
+def physical_device(label: str) -> torch.device:
+    """The torch device a label runs on (tests replace this to pretend a GPU is the CPU)."""
+    return torch.device(label)
 
 
 def _check_devices(labels: dict[str, str], available: list[str]) -> None:
