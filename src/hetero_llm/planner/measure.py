@@ -1,0 +1,338 @@
+"""Micro-benchmarks that give the cost model this machine's numbers, measured once and cached.
+
+Each linear kernel is timed at batch 1 on a small weight (its fixed cost per call) and on a
+pool of weights larger than the last-level cache (its streaming bandwidth), so a decode
+step's linear costs `call_us + bytes / bandwidth`. A tiny Llama decoded with 1 and 5 layers
+gives the per-step cost of generate() and the per-block cost of everything that is not a
+matmul (norms, rotary, attention over the cache, residual adds, Python between them), for
+transformers' own blocks and for hetero_llm's fused ones. GEMM throughput (prefill) and plain
+memory-read bandwidth complete the roofline.
+
+Results go to `$HETERO_LLM_CACHE/machine/<key>.json` (default ~/.cache/hetero_llm), keyed by
+CPU, thread count, torch and hetero_llm versions; measuring takes ~10 s once.
+`HETERO_LLM_MEASURE=0` skips measuring and uses table values instead.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .._version import __version__
+from ..hardware import Hardware
+
+COSTS_VERSION = 1
+# Weights cycled through to time streaming: 2x a 32 MiB last-level cache, so no call hits it.
+STREAM_POOL_BYTES = 64 * 2**20
+SMALL_SHAPE = (256, 256)  # (out, in): in cache, so its time is the kernel's fixed cost per call
+# Streaming is timed at two sizes: kernels that dequantize into temporaries slow down once those
+# leave the cache, so bandwidth is interpolated in log(parameters) between the two.
+MEDIUM_SHAPE = (1024, 1024)
+LARGE_SHAPE = (2048, 4096)
+TINY_LAYERS = (2, 10)
+TINY_NEW_TOKENS = 32
+
+
+@dataclass(frozen=True)
+class LinearCost:
+    """One linear kernel at batch 1: `call_us + bytes / bandwidth` microseconds, the bandwidth
+    measured on a medium (1M-parameter) and a large (8M) weight and interpolated between them."""
+
+    call_us: float
+    gbs: float  # streaming a medium weight
+    gbs_large: float  # streaming a large weight
+    gemm_gflops: float  # throughput on a prompt (M = 128 rows), for prefill
+
+    def bandwidth(self, params: float) -> float:
+        lo, hi = MEDIUM_SHAPE[0] * MEDIUM_SHAPE[1], LARGE_SHAPE[0] * LARGE_SHAPE[1]
+        t = min(max((math.log(max(params, 1)) - math.log(lo)) / (math.log(hi) - math.log(lo)), 0.0), 1.0)
+        return self.gbs * (self.gbs_large / self.gbs) ** t  # geometric interpolation
+
+    def decode_us(self, nbytes: float, params: float) -> float:
+        return self.call_us + nbytes / (self.bandwidth(params) * 1e3)
+
+
+@dataclass(frozen=True)
+class DeviceCosts:
+    """The measured (or tabled) costs of one device, all in microseconds and GB/s."""
+
+    device: str
+    source: str  # "measured" | "table"
+    read_gbs: float  # plain memory read
+    op_us: float  # one small eager op
+    linears: dict[str, LinearCost] = field(default_factory=dict)  # "kernel:quant" -> cost
+    step_us: dict[str, float] = field(default_factory=dict)  # generate() per step, by block style
+    block_us: dict[str, float] = field(default_factory=dict)  # non-matmul work per block, by style
+    norm_us: dict[str, float] = field(default_factory=dict)  # one norm call, by kernel
+    transfer_gbs: float = 0.0  # host <-> device copies (GPUs), pinned memory
+    transfer_us: float = 0.0  # latency of one host <-> device copy
+    version: int = COSTS_VERSION
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DeviceCosts":
+        d = dict(d)
+        d["linears"] = {k: LinearCost(**v) for k, v in d.get("linears", {}).items()}
+        return cls(**d)
+
+
+# ----------------------------------------------------------------------------- timing
+
+
+def time_us(fn: Callable[[], object], min_s: float = 0.02, repeats: int = 5) -> float:
+    """Median microseconds per call over `repeats` batches of at least `min_s` each."""
+    fn()
+    n, start = 1, time.perf_counter()
+    fn()
+    once = max(time.perf_counter() - start, 1e-7)
+    n = max(1, int(min_s / once))
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(n):
+            fn()
+        samples.append((time.perf_counter() - start) / n)
+    return statistics.median(samples) * 1e6
+
+
+# ----------------------------------------------------------------------------- linears
+
+
+def _linear_variants() -> dict[str, Callable[[torch.Tensor], nn.Module]]:
+    """"kernel:quant" -> builder of that module from an fp32 (out, in) weight, for kernels this
+    machine can run. Mirrors what quantize_pass builds."""
+    from ..kernels.cpu_vnni import vnni_possible
+    from ..quant.backends import BACKENDS
+    from ..quant.modules import Int8Linear
+    from ..quant.w8a8 import BACKENDS as W8A8_BACKENDS
+    from ..quant.w8a8 import W8A8Linear
+
+    def linear(dtype):
+        def build(w):
+            m = nn.Linear(w.shape[1], w.shape[0], bias=False, dtype=dtype)
+            m.weight.data.copy_(w)
+            return m
+        return build
+
+    def int8(backend, scheme):
+        return lambda w: Int8Linear.from_linear(linear(torch.float32)(w), scheme, backend=backend)
+
+    def w8a8(backend):
+        return lambda w: W8A8Linear.from_weight(w, None, smooth=torch.ones(w.shape[1]), backend=backend)
+
+    cpu, k = torch.device("cpu"), LARGE_SHAPE[1]
+    out = {"torch:float32": linear(torch.float32), "torch:bfloat16": linear(torch.bfloat16),
+           "torch-dequant:int8": int8("torch-dequant", "int8"),
+           "torch-dequant:int8-asym": int8("torch-dequant", "int8-asym"),
+           "torch-dequant:int8:g128": int8("torch-dequant", "int8:g128"),
+           "torch-w8a8:w8a8": w8a8("torch-w8a8")}
+    if BACKENDS["cpu-int8pack"].supports(k, cpu, None):
+        out["cpu-int8pack:int8"] = int8("cpu-int8pack", "int8")
+        out["cpu-int8pack:int8-asym"] = int8("cpu-int8pack", "int8-asym")
+        if vnni_possible():
+            out["cpu-vnni:int8"] = int8("cpu-vnni", "int8")
+    if W8A8_BACKENDS["cpu-intmm"].supports(k, cpu):
+        out["cpu-intmm:w8a8"] = w8a8("cpu-intmm")
+    return out
+
+
+def _weight_bytes(module: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers())
+               if t.dim() == 2)
+
+
+def _stream_gbs(build: Callable[[torch.Tensor], nn.Module], shape: tuple[int, int], slow: bool,
+                call_us: float, device: torch.device, dtype: torch.dtype) -> tuple[float, nn.Module]:
+    """GB/s of batch-1 calls cycling through weights that together exceed the cache."""
+    gen = torch.Generator().manual_seed(1)
+    first = build(torch.randn(*shape, generator=gen) * 0.05).to(device)
+    per = _weight_bytes(first)
+    # A reference kernel that computes in fp64 is too slow to stream a whole pool.
+    count = 2 if slow else max(2, -(-STREAM_POOL_BYTES // per))
+    pool = [first] + [build(torch.randn(*shape, generator=gen) * 0.05).to(device) for _ in range(count - 1)]
+    x = torch.randn(1, shape[1], dtype=dtype, device=device)
+
+    def stream():
+        for m in pool:
+            m(x)
+    with torch.inference_mode():
+        per_call = time_us(_synced(stream, device), repeats=3) / count
+    return per / max(per_call - call_us, 0.05) / 1e3, first
+
+
+def _synced(fn: Callable[[], object], device: torch.device) -> Callable[[], object]:
+    if device.type != "cuda":
+        return fn
+
+    def run():
+        fn()
+        torch.cuda.synchronize(device)
+    return run
+
+
+def _measure_linear(build: Callable[[torch.Tensor], nn.Module], slow: bool,
+                    device: torch.device = torch.device("cpu")) -> LinearCost:
+    small = build(torch.randn(*SMALL_SHAPE, generator=torch.Generator().manual_seed(0)) * 0.05).to(device)
+    dtype = small.weight.dtype if isinstance(small, nn.Linear) else torch.float32
+    if device.type == "cuda" and dtype == torch.float32:
+        dtype = torch.bfloat16
+    x_small = torch.randn(1, SMALL_SHAPE[1], dtype=dtype, device=device)
+    with torch.inference_mode():
+        call = time_us(_synced(lambda: small(x_small), device))
+    gbs, _ = _stream_gbs(build, MEDIUM_SHAPE, slow, call, device, dtype)
+    gbs_large, big = _stream_gbs(build, LARGE_SHAPE, slow, call, device, dtype)
+    xs = torch.randn(128, LARGE_SHAPE[1], dtype=dtype, device=device)
+    with torch.inference_mode():
+        gemm = time_us(_synced(lambda: big(xs), device), min_s=0.05, repeats=3)
+    flops = 2 * 128 * LARGE_SHAPE[0] * LARGE_SHAPE[1]
+    return LinearCost(round(call, 3), round(gbs, 3), round(gbs_large, 3), round(flops / gemm / 1e3, 3))
+
+
+# ----------------------------------------------------------------------------- whole blocks
+
+
+def _tiny_llama(layers: int) -> nn.Module:
+    """A Llama small enough that its matmuls cost only their call overhead."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=512, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def _generate_us(model: nn.Module) -> float:
+    """Microseconds per decoded token of one greedy generate() (after a 16-token prompt)."""
+    ids = torch.arange(1, 17, device=model.device).reshape(1, -1)
+    with torch.inference_mode():
+        start = time.perf_counter()
+        model.generate(ids, max_new_tokens=TINY_NEW_TOKENS, min_new_tokens=TINY_NEW_TOKENS, do_sample=False,
+                       pad_token_id=0, attention_mask=torch.ones_like(ids))
+        if model.device.type == "cuda":
+            torch.cuda.synchronize()
+    return (time.perf_counter() - start) * 1e6 / TINY_NEW_TOKENS
+
+
+def _block_costs(linears: dict[str, LinearCost], norm_us: dict[str, float],
+                 device: torch.device = torch.device("cpu"), linear_key: str = "torch:float32") -> tuple[dict, dict]:
+    """Per-step and per-block (non-matmul) costs of transformers' blocks ("sdpa") and
+    hetero_llm's fused ones ("rotary"), from tiny Llamas decoded with 2 and 10 layers (runs
+    interleaved, medians). The tiny linears' and norms' own call costs are taken out, since the
+    cost model adds them per module."""
+    import warnings
+
+    from ..api import accelerate
+    call = linears[linear_key].call_us
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    styles = {"sdpa": (lambda m: m, 7, "torch"),  # q, k, v, o, gate, up, down; transformers' norm
+              "rotary": (lambda m: accelerate(m, quantize="none", kernels="torch", hardware=_no_measure_hardware()),
+                         4, "torch-rms_norm")}  # fused qkv, o, fused gate_up, down
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        models = {(style, n): prepare(_tiny_llama(n).to(device, dtype))
+                  for style, (prepare, _, _) in styles.items() for n in TINY_LAYERS}
+        for m in models.values():
+            _generate_us(m)  # warm-up
+        runs: dict = {key: [] for key in models}
+        for _ in range(5):
+            for key, m in models.items():
+                runs[key].append(_generate_us(m))
+    step, block = {}, {}
+    for style, (_, n_linears, norm) in styles.items():
+        t_lo, t_hi = (statistics.median(runs[(style, n)]) for n in TINY_LAYERS)
+        per_block = (t_hi - t_lo) / (TINY_LAYERS[1] - TINY_LAYERS[0])
+        block[style] = round(max(per_block - n_linears * call - 2 * norm_us[norm], 0.0), 3)
+        step[style] = round(max(t_lo - TINY_LAYERS[0] * per_block - call - norm_us[norm], 0.0), 3)
+    return step, block
+
+
+def _norm_costs() -> dict[str, float]:
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from ..kernels.modules import RMSNorm
+    x = torch.randn(1, 1, 1024)
+    hf = LlamaRMSNorm(1024)
+    ours = RMSNorm(hf.weight, 1e-6, backend="torch")
+    ln = nn.LayerNorm(1024)
+    with torch.inference_mode():
+        out = {"torch": time_us(lambda: hf(x)), "torch-layer_norm": time_us(lambda: ln(x)),
+               "torch-rms_norm": time_us(lambda: ours(x))}
+    return {k: round(v, 3) for k, v in out.items()}
+
+
+def _read_gbs(device: torch.device) -> float:
+    """Plain memory-read bandwidth: summing an array 8x the cache pool."""
+    big = torch.ones(STREAM_POOL_BYTES * 2, dtype=torch.float32, device=device)
+    with torch.inference_mode():
+        return big.numel() * 4 / time_us(_synced(lambda: big.sum(), device), repeats=3) / 1e3
+
+
+def measure_cpu() -> DeviceCosts:
+    """Run the CPU micro-benchmarks (~20 s on 2 cores)."""
+    read_gbs = _read_gbs(torch.device("cpu"))
+    small_a, small_b = torch.randn(1, 576), torch.randn(1, 576)
+    with torch.inference_mode():
+        op_us = time_us(lambda: torch.add(small_a, small_b))
+    linears = {}
+    for name, build in _linear_variants().items():
+        linears[name] = _measure_linear(build, slow=name.startswith("torch-w8a8"))
+    norm_us = _norm_costs()
+    step_us, block_us = _block_costs(linears, norm_us)
+    return DeviceCosts("cpu", "measured", round(read_gbs, 3), round(op_us, 3), linears, step_us, block_us, norm_us)
+
+
+# ----------------------------------------------------------------------------- cache
+
+
+def _cache_dir() -> Path:
+    env = os.environ.get("HETERO_LLM_CACHE")
+    return (Path(env).expanduser() if env else Path.home() / ".cache" / "hetero_llm") / "machine"
+
+
+def machine_key(hardware: Hardware) -> str:
+    """What the measurements depend on: CPU, threads in use, and the code that ran."""
+    c = hardware.cpu
+    text = json.dumps([c.model, c.physical_cores, c.logical_cores, list(c.isa), torch.get_num_threads(),
+                       torch.__version__, __version__, COSTS_VERSION])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def cached_cpu_costs(hardware: Hardware, *, refresh: bool = False) -> DeviceCosts | None:
+    """This machine's measured CPU costs: from the cache, or measured now and cached.
+
+    None when measuring is turned off (HETERO_LLM_MEASURE=0)."""
+    if os.environ.get("HETERO_LLM_MEASURE", "1").strip() in ("0", "false", "no"):
+        return None
+    path = _cache_dir() / f"cpu-{machine_key(hardware)}.json"
+    if path.is_file() and not refresh:
+        try:
+            return DeviceCosts.from_dict(json.loads(path.read_text()))
+        except (ValueError, TypeError, KeyError):
+            pass  # a damaged or older file: measure again
+    print("hetero_llm: measuring this CPU for the cost model (once; cached)...", file=sys.stderr, flush=True)
+    costs = measure_cpu()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(costs.to_dict(), indent=1))
+    os.replace(tmp, path)  # atomic: a concurrent reader sees the old file or the new one
+    return costs
+
+
+def _no_measure_hardware() -> Hardware:
+    """This machine as a hand-built Hardware: planning with it uses table costs, so planning the
+    tiny models while measuring does not measure again."""
+    import dataclasses
+
+    from ..hardware import inspect_hardware
+    return dataclasses.replace(inspect_hardware(), source="manual")
