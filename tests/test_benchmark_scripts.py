@@ -54,3 +54,28 @@ def test_benchmark_scripts_say_so_without_a_gpu():
                               timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert "No CUDA GPU here" in proc.stdout
+
+
+def test_split_benchmark_smoke_runs_both_variants_on_cpu(tmp_path):
+    """benchmarks/split_gpu.py --smoke: the hetero_llm split/offload and accelerate's dispatch paths,
+    a tiny model, 2 tokens; the JSON a GPU run would write."""
+    out = tmp_path / "split.json"
+    proc = subprocess.run([sys.executable, "benchmarks/split_gpu.py", "--smoke", "--json", str(out)], cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(out.read_text())
+    assert set(result["times"]) == {"hetero_llm", "accelerate-offload"}
+    assert result["offload"] and 0.0 <= result["greedy_agree"] <= 1.0
+    assert "decode_ms_after" in result["predicted"] and "alternatives" in result["predicted"]
+    assert "hetero_llm / accelerate-offload decode" in proc.stdout
+
+
+def test_split_benchmark_says_so_without_a_gpu():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here: the script would run the full benchmark")
+    proc = subprocess.run([sys.executable, "benchmarks/split_gpu.py"], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "No CUDA GPU here" in proc.stdout
