@@ -61,7 +61,9 @@ def cmd_inspect(args) -> int:
 def cmd_plan(args) -> int:
     from .api import plan
     model = _model_for_plan(args.model)
-    p = plan(model, hardware=args.hardware, strict=not args.no_strict, **_options(args))
+    p = plan(model, hardware=args.hardware, strict=not args.no_strict, max_memory=_memory(args.max_memory),
+             device_map=_memory(args.device_map), batch_size=args.batch_size, prompt_len=args.prompt_len,
+             **_options(args))
     print(p.to_json() if args.json else p.table(full=args.full))
     return 0
 
@@ -130,6 +132,29 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_check_predictions(args) -> int:
+    from .evaluate.predictions import TOLERANCE, check_predictions
+    _set_threads(args.threads)
+    check = check_predictions(args.model, new_tokens=args.new_tokens, repeats=args.repeats,
+                              progress=not args.quiet)
+    print(check.table())
+    worst = max(abs(check.error(label)) for label in check.measured_ms)
+    print(f"worst error {100 * worst:.1f}% (target: within ±{100 * TOLERANCE:.0f}%): "
+          f"{'MET' if worst <= TOLERANCE else 'MISSED'}")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(check.to_dict(), indent=1))
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _memory(text: str | None) -> dict:
+    """"cuda=8GiB,cpu=64GiB" -> {"cuda": "8GiB", "cpu": "64GiB"}."""
+    if not text:
+        return {}
+    return dict(part.split("=", 1) for part in text.split(",") if "=" in part)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hetero-llm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -142,8 +167,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hardware", default=None, help="a profile such as h100-80gb or cpu-16core (default: this machine)")
     p.add_argument("--json", action="store_true")
     p.add_argument("--full", action="store_true", help="one row per module instead of grouped layers")
+    p.add_argument("--max-memory", default=None,
+                   help="memory budgets, e.g. cuda=8GiB,cpu=64GiB (a model over the GPU budget is split)")
+    p.add_argument("--device-map", default=None,
+                   help="pins, e.g. model.layers.31=cpu,lm_head=cuda (values cpu, cuda[:N], offload)")
+    p.add_argument("--batch-size", type=int, default=1, help="sequences decoded together (default 1)")
+    p.add_argument("--prompt-len", type=int, default=512, help="prompt tokens (default 512)")
     _add_options(p)
     p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("check-predictions",
+                       help="predicted vs measured decode tokens/s on this CPU, for every quantization option")
+    p.add_argument("model", nargs="?", default="smollm2")
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--json", default=None, help="write the check (measurements, predictions, costs) here")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_check_predictions)
 
     p = sub.add_parser("bench", help="decode/prefill speed, memory and perplexity: original vs accelerated vs peer")
     p.add_argument("model", nargs="?", default="smollm2")

@@ -51,9 +51,17 @@ def _header(plan: "Plan") -> list[str]:
     lines = [f"hetero_llm plan · {plan.model_type} (family: {plan.family or 'unknown'}) · "
              f"device {plan.device} · hardware: {hw}"]
     p = plan.prediction
-    if p is not None:
+    if p is not None and plan.device_map:  # the model as it was would not fit: compare with the alternatives
+        lines.append(f"predicted decode: {p.decode_ms_after:.2f} ms/step across {', '.join(plan.devices)} · "
+                     f"weights {p.weight_mb_before:.1f} MB → {p.weight_mb_after:.1f} MB")
+    elif p is not None:
         lines.append(f"predicted decode: {p.decode_ms_before:.2f} ms/token → {p.decode_ms_after:.2f} ms/token "
                      f"({p.decode_speedup:.2f}x) · weights {p.weight_mb_before:.1f} MB → {p.weight_mb_after:.1f} MB")
+    if p is not None and p.prefill_ms_after:
+        lines.append(f"predicted prompt ({plan.options.get('workload', {}).get('prompt_len', '?')} tokens): "
+                     f"{p.prefill_ms_before:.1f} ms → {p.prefill_ms_after:.1f} ms")
+    for name, ms in (p.alternatives.items() if p is not None else ()):
+        lines.append(f"alternative: {name}: {ms:.2f} ms/step ({ms / p.decode_ms_after:.1f}x the plan's time)")
     counts = {a: len(plan.by_action(a)) for a in ("quantize", "swap", "keep", "skip")}
     lines.append("modules: " + ", ".join(f"{n} {a}" for a, n in counts.items() if n)
                  + (f"; {len(plan.fusions)} fused groups" if plan.fusions else ""))

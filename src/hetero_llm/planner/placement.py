@@ -73,7 +73,9 @@ def split_for_budget(spec, profiles: list[ModuleProfile], tied: set[str], hardwa
     alternatives = dict(split.alternatives)
     if len(hardware.gpus) > 1:
         alternatives.update(tensor_parallel_ms(blocks, gpu_cm, step, len(hardware.gpus), hidden * work.batch_size))
+    # prefill_ms: not predicted across devices yet (0 hides it)
     pred = replace(prediction, decode_ms_after=split.decode_ms, alternatives=alternatives,
+                   prefill_ms_before=0.0, prefill_ms_after=0.0,
                    weight_mb_after=held / 2**20)
     gpu_gib = sum(b.gpu_bytes + b.kv_bytes for b in blocks
                   if split.device_map.get(b.name, "cuda:0") != "cpu" and b.name not in split.offload) / 2**30
