@@ -57,32 +57,23 @@ def weight_bytes(module) -> int:
     return sum(t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers()))
 
 
-def hand_split(model, plan, budget: int, gpu: str):
-    """FALLBACK until the planner fills plan.device_map from max_memory: embedding, final norm,
-    lm_head and as many leading layers as fit in 95% of the budget on the GPU, the remaining
-    layers computed on the CPU. Torch kernels, which run on both."""
-    names = ["model.embed_tokens", "model.rotary_emb", "model.norm", "lm_head"]
-    used = sum(weight_bytes(model.get_submodule(n)) for n in names)
-    device_map = {n: gpu for n in names}
-    for i, layer in enumerate(model.model.layers):
-        used += weight_bytes(layer)
-        device_map[f"model.layers.{i}"] = gpu if used <= 0.95 * budget else "cpu"
-    return dataclasses.replace(plan, device_map=device_map, offload=())
-
-
-def hetero_variant(model, budget: int, cpu_budget: int, gpu: str, smoke: bool):
+def hetero_variant(model, budget: int, cpu_budget: int, prompt: int, smoke: bool):
+    """hetero_llm.accelerate under the budget: the planner splits the model (CPU compute or streaming)."""
     import hetero_llm
 
-    options = dict(max_memory={"cuda": budget, "cpu": cpu_budget}) if not smoke else {}
-    plan = hetero_llm.plan(model, **options)
-    note = ""
-    if not plan.device_map and weight_bytes(model) > budget:
-        plan = hand_split(model, hetero_llm.plan(model, kernels="torch", **options), budget, gpu)
-        note = "hand split (the planner left device_map empty); prediction is the unsplit plan's"
-    if smoke:  # exercise the split and offload paths on the CPU
-        plan = hand_split(model, plan, weight_bytes(model) // 2, gpu)
-        plan = dataclasses.replace(plan, offload=(f"model.layers.{len(model.model.layers) - 1}",))
-    return hetero_llm.accelerate(model, plan=plan), note
+    options = dict(max_memory={"cuda": budget, "cpu": cpu_budget}, prompt_len=prompt)
+    if not smoke:
+        return hetero_llm.accelerate(model, **options)
+    # Smoke: the plan an H100 would get for a GPU budget of half the model, one layer pinned to
+    # stream, then run on the CPU (its GPU blocks relabelled) to go through split and offload.
+    last = f"model.layers.{len(model.model.layers) - 1}"
+    half = {"cuda": weight_bytes(model) // 2, "cpu": cpu_budget}
+    plan = hetero_llm.plan(model, hardware="h100-80gb", kernels="torch", prompt_len=prompt, max_memory=half,
+                           device_map={last: "offload"})
+    assert plan.device_map and plan.offload == (last,), (plan.device_map, plan.offload)
+    on_cpu = dataclasses.replace(plan, device="cpu", device_map={k: "cpu" for k in plan.device_map},
+                                 entries=tuple(dataclasses.replace(e, device="cpu") for e in plan.entries))
+    return hetero_llm.accelerate(model, plan=on_cpu)
 
 
 def accelerate_variant(model, budget: int, cpu_budget: int, smoke: bool):
@@ -160,19 +151,19 @@ def main(argv=None) -> int:
     base = build(shape, dtype, "cpu" if args.smoke else "cuda")
     print(f"model: {weight_bytes(base) / GIB:.2f} GiB of {dtype} weights, GPU budget {args.gpu_budget / GIB:.2f} GiB "
           f"(built in {time.perf_counter() - t0:.0f} s)", flush=True)
-    ours, note = hetero_variant(copy.deepcopy(base), args.gpu_budget, args.cpu_budget, gpu, args.smoke)
+    ours = hetero_variant(copy.deepcopy(base), args.gpu_budget, args.cpu_budget, args.prompt, args.smoke)
     theirs, their_map = accelerate_variant(base, args.gpu_budget, args.cpu_budget, args.smoke)
     plan = ours.hetero_plan
     ids = torch.randint(3, shape["vocab_size"], (1, args.prompt), generator=torch.Generator().manual_seed(1)).to(gpu)
     variants = {"hetero_llm": ours, "accelerate-offload": theirs}
-    result = report(args, plan, note, their_map, time_decode(variants, ids, args.new_tokens, args.rounds))
+    result = report(args, plan, their_map, time_decode(variants, ids, args.new_tokens, args.rounds))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
     return 0
 
 
-def report(args, plan, note, their_map, times) -> dict:
+def report(args, plan, their_map, times) -> dict:
     # bf16 on CPU and GPU kernels round differently: the greedy tokens agree mostly, not exactly
     tokens = [t.pop("tokens") for t in times.values()]
     agreement = float((tokens[0] == tokens[1]).float().mean())
@@ -182,7 +173,7 @@ def report(args, plan, note, their_map, times) -> dict:
     theirs = {str(d): sum(1 for v in their_map.values() if v == d) for d in set(their_map.values())}
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (smoke)"
     print(f"{device}; torch {torch.__version__}")
-    print(f"hetero_llm plan: blocks per device {ours_map}, offloaded {list(plan.offload)} {note}")
+    print(f"hetero_llm plan: blocks per device {ours_map}, streamed {list(plan.offload)}; {'; '.join(plan.notes)}")
     print(f"accelerate device_map: modules per device {theirs}")
     for name, t in times.items():
         print(f"{name:<20} decode {t['tok_s']:8.2f} tok/s (spread {t['tok_s_lo']:.2f}-{t['tok_s_hi']:.2f})  "
@@ -191,12 +182,13 @@ def report(args, plan, note, their_map, times) -> dict:
     predicted = {}
     if pred is not None:
         predicted = dict(decode_ms_after=pred.decode_ms_after, alternatives=dict(pred.alternatives))
-        print(f"plan predicted decode {pred.decode_ms_after:.2f} ms/step ({1e3 / max(pred.decode_ms_after, 1e-9):.1f} "
-              f"tok/s); alternatives (ms/step): {predicted['alternatives']}")
+        tok_s = 1e3 / max(pred.decode_ms_after, 1e-9)
+        print(f"plan predicted decode {pred.decode_ms_after:.2f} ms/step ({tok_s:.1f} tok/s); "
+              f"alternatives (ms/step): {predicted['alternatives']}")
     return dict(device=device, layers=args.layers, gpu_budget=args.gpu_budget, new_tokens=args.new_tokens,
                 rounds=args.rounds, times=times, ratio=ratio, greedy_agree=agreement,
                 plan_blocks_per_device=ours_map, offload=list(plan.offload), accelerate_map=theirs,
-                predicted=predicted, note=note)
+                predicted=predicted, notes=list(plan.notes))
 
 
 if __name__ == "__main__":

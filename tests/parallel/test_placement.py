@@ -13,14 +13,20 @@ import dataclasses
 
 import pytest
 import torch
+from tiny_shapes import TINY_SHAPES
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
-from tiny_shapes import TINY_SHAPES
 
 import hetero_llm
-from hetero_llm import HardwareError, InvalidOptionError, Plan, PlanMismatchError
+from hetero_llm import HardwareError, Plan, PlanMismatchError
 from hetero_llm.parallel import placement
-from hetero_llm.parallel.placement import attach_placement, place, place_pass, remove_placement
+from hetero_llm.parallel.offload import StreamedWeights
+from hetero_llm.parallel.placement import (
+    attach_placement,
+    place,
+    place_pass,
+    remove_placement,
+)
 
 VOCAB = 256
 FAR = "cuda:1"  # a pretend second device
@@ -35,12 +41,13 @@ def tiny_llama(layers: int = 4, seed: int = 0, **overrides) -> LlamaForCausalLM:
     return LlamaForCausalLM(cfg).eval()
 
 
-def labels_for(model: nn.Module, far_layers=(), far_head: bool = False) -> dict[str, str]:
-    """Every top-level block on the CPU except the listed layers (and norm + lm_head) on FAR."""
+def labels_for(model: nn.Module, far_layers=(), far_head: bool = False, far_rotary: bool = False,
+               far_embed: bool = False) -> dict[str, str]:
+    """Every top-level block on the CPU except the listed layers (and norm + lm_head...) on FAR."""
     n = model.config.num_hidden_layers
-    return {"model.embed_tokens": "cpu",
+    return {"model.embed_tokens": FAR if far_embed else "cpu",
             **{f"model.layers.{i}": FAR if i in far_layers else "cpu" for i in range(n)},
-            "model.norm": FAR if far_head else "cpu", "model.rotary_emb": "cpu",
+            "model.norm": FAR if far_head else "cpu", "model.rotary_emb": FAR if far_rotary else "cpu",
             "lm_head": FAR if far_head else "cpu"}
 
 
@@ -71,8 +78,8 @@ def greedy(model: nn.Module, new: int = 6, **inputs) -> torch.Tensor:
     return model.generate(**inputs, max_new_tokens=new, do_sample=False, pad_token_id=0)
 
 
-def split(model: nn.Module, far_layers=(2, 3), far_head: bool = False, offload=()) -> nn.Module:
-    place(model, labels_for(model, far_layers, far_head), tuple(offload), SIMULATED)
+def split(model: nn.Module, far_layers=(2, 3), offload=(), **far) -> nn.Module:
+    place(model, labels_for(model, far_layers, **far), tuple(offload), SIMULATED)
     return model
 
 
@@ -129,10 +136,8 @@ def test_a_device_map_naming_absent_blocks_is_refused():
         place_pass(model, cpu_plan({**labels_for(model), "model.layers.9": "cpu"}))
 
 
-def test_offloading_the_first_block_or_an_unplaced_one_is_refused():
+def test_offloading_a_block_the_map_does_not_place_is_refused():
     model = tiny_llama()
-    with pytest.raises(InvalidOptionError, match="first block"):
-        place_pass(model, cpu_plan(labels_for(model), offload=("model.embed_tokens",)))
     with pytest.raises(PlanMismatchError, match="does not place"):
         place_pass(model, cpu_plan({"model.embed_tokens": "cpu"}, offload=("lm_head",)))
 
@@ -147,7 +152,10 @@ def test_tied_weights_placed_apart_are_refused():
 # -- same outputs as the unsplit model -------------------------------------------------------
 
 SPLITS = {"tail": dict(far_layers=(2, 3)), "middle": dict(far_layers=(1,)),
-          "all layers": dict(far_layers=(0, 1, 2, 3)), "tail and head": dict(far_layers=(2, 3), far_head=True)}
+          "all layers": dict(far_layers=(0, 1, 2, 3)), "tail and head": dict(far_layers=(2, 3), far_head=True),
+          # the planner's layout: embedding and the first layers on the CPU, the rest on the GPU
+          "planner": dict(far_layers=(2, 3), far_head=True, far_rotary=True),
+          "all but the embedding": dict(far_layers=(0, 1, 2, 3), far_head=True, far_rotary=True)}
 
 
 @pytest.mark.parametrize("where", SPLITS)
@@ -221,21 +229,77 @@ def test_logits_come_back_to_the_main_device_only_when_the_head_is_elsewhere():
     assert model.hetero_transfers.bytes[(FAR, "cpu")] == out.numel() * 4
 
 
+def test_a_weightless_block_runs_on_the_main_device():
+    """rotary_emb computes where its input is: placed on FAR it would only add crossings."""
+    counts = {}
+    for far_rotary in (False, True):
+        model = split(tiny_llama(), far_layers=(2, 3), far_head=True, far_rotary=far_rotary)
+        assert model.hetero_placement.labels["model.rotary_emb"] == "cpu"
+        logits(model, prompt())
+        counts[far_rotary] = dict(model.hetero_transfers.count)
+    assert counts[False] == counts[True]
+
+
+def test_logits_come_back_to_the_inputs_device_when_the_first_block_is_elsewhere():
+    ref = tiny_llama()
+    model = split(copy.deepcopy(ref), far_layers=(0, 1, 2, 3), far_head=True, far_embed=True)
+    assert model.hetero_placement.main == FAR
+    ids = prompt()  # on "cpu": not where the model's first block is
+    out = model(ids).logits
+    assert model.hetero_placement.transport.label_of(out) == "cpu"
+    assert torch.equal(out, logits(ref, ids))
+    assert torch.equal(greedy(model), greedy(ref))
+
+
 # -- offload: accelerate's hook streams the weights -------------------------------------------
 
-def test_offloaded_blocks_give_identical_outputs_and_hold_no_weights_between_forwards():
+def holds_its_cpu_weights(block: nn.Module) -> bool:
+    """Between forwards an offloaded block's tensors are its weights_map's CPU tensors themselves."""
+    hook = block._hf_hook
+    tensors = dict(list(block.named_parameters()) + list(block.named_buffers()))
+    return isinstance(hook, StreamedWeights) and set(hook.weights_map) == set(tensors) and all(
+        t.device.type == "cpu" and t.data_ptr() == hook.weights_map[n].data_ptr() for n, t in tensors.items())
+
+
+@pytest.fixture
+def streams(monkeypatch) -> list[str]:
+    """Records each StreamedWeights load (pre_forward) and drop (post_forward)."""
+    calls: list[str] = []
+    pre, post = StreamedWeights.pre_forward, StreamedWeights.post_forward
+
+    def load(self, module, *args, **kwargs):
+        calls.append("load")
+        return pre(self, module, *args, **kwargs)
+
+    def drop(self, module, output):
+        calls.append("drop")
+        return post(self, module, output)
+    monkeypatch.setattr(StreamedWeights, "pre_forward", load)
+    monkeypatch.setattr(StreamedWeights, "post_forward", drop)
+    return calls
+
+
+def test_offloaded_blocks_stream_their_weights_and_give_identical_outputs(streams):
     ref = tiny_llama()
     model = split(copy.deepcopy(ref), far_layers=(2, 3), offload=("model.layers.1", "model.layers.3"))
     ids = prompt()
     assert torch.equal(logits(model, ids), logits(ref, ids))
+    assert streams == ["load", "drop"] * 2  # each offloaded block, once per forward
     assert torch.equal(greedy(model), greedy(ref))
-    for name in ("model.layers.1", "model.layers.3"):
-        block = model.get_submodule(name)
-        assert all(p.is_meta for p in block.parameters())
-        assert type(block._hf_hook).__name__ == "StreamedWeights"
-    assert not any(p.is_meta for p in model.model.layers[2].parameters())
+    assert all(holds_its_cpu_weights(model.get_submodule(n)) for n in ("model.layers.1", "model.layers.3"))
+    assert not hasattr(model.model.layers[2], "_hf_hook")
     saved = model.state_dict()  # real data, for save()
-    assert all(not t.is_meta and torch.equal(t, ref.state_dict()[k]) for k, t in saved.items())
+    assert all(torch.equal(t, ref.state_dict()[k]) for k, t in saved.items())
+
+
+def test_the_first_block_can_be_offloaded(streams):
+    ref = tiny_llama()
+    model = split(copy.deepcopy(ref), far_layers=(0, 1, 2, 3), far_head=True, far_embed=True,
+                  offload=("model.embed_tokens",))
+    ids = prompt()
+    assert model.device.type == "cpu"  # generate() puts its inputs there: no meta weights
+    assert torch.equal(logits(model, ids), logits(ref, ids)) and streams == ["load", "drop"]
+    assert torch.equal(greedy(model), greedy(ref))
 
 
 def test_offload_of_quantized_fused_blocks_through_accelerate():
@@ -276,7 +340,7 @@ def test_save_and_load_an_offloaded_model(tmp_path):
     loaded = hetero_llm.load(tmp_path / "m")
     assert loaded.hetero_plan.offload == ("model.layers.1",)
     assert torch.equal(logits(loaded, ids), want)
-    assert all(p.is_meta for p in loaded.model.layers[1].parameters())
+    assert holds_its_cpu_weights(loaded.model.layers[1])
 
 
 # -- removable, copyable ---------------------------------------------------------------------
@@ -291,7 +355,7 @@ def test_remove_placement_takes_every_hook_off():
         assert not m._forward_pre_hooks and not m._forward_hooks and not m._state_dict_hooks
         assert not hasattr(m, "_hf_hook") and "forward" not in m.__dict__
     assert not any(hasattr(model, a) for a in ("hetero_placement", "hetero_transfers", "hf_device_map"))
-    assert not any(p.is_meta for p in model.parameters())
+    assert {p.device.type for p in model.parameters()} == {"cpu"}
     assert torch.equal(logits(model, ids), logits(ref, ids))
 
 

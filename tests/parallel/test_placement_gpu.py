@@ -12,6 +12,7 @@ import pytest
 import torch
 from test_placement import boundary_tensors, greedy, padded_batch, prompt, tiny_llama
 
+import hetero_llm
 from hetero_llm.parallel.placement import place, remove_placement
 
 pytestmark = pytest.mark.gpu
@@ -46,7 +47,8 @@ def test_gpu_cpu_split_matches_the_all_gpu_model(cache, padded):
     assert got.device == want.device
     torch.testing.assert_close(got, want, **TOL)
     kw = {} if cache == "dynamic" else dict(cache_implementation="static")
-    out = model.generate(**inputs, max_new_tokens=8, do_sample=False, pad_token_id=0, return_dict_in_generate=True, **kw)
+    out = model.generate(**inputs, max_new_tokens=8, do_sample=False, pad_token_id=0, return_dict_in_generate=True,
+                         **kw)
     assert torch.equal(out.sequences, greedy(ref, new=8, **inputs, **kw))
     for i, layer in enumerate(out.past_key_values.layers):  # each layer's cache beside its layer
         assert layer.keys.device.type == ("cpu" if i >= 3 else "cuda")
@@ -86,8 +88,43 @@ def test_offloaded_block_streams_to_the_gpu_and_matches():
         torch.testing.assert_close(model(ids).logits, ref(ids).logits, atol=1e-5, rtol=1e-5)
     assert torch.equal(greedy(model, new=8, input_ids=ids), greedy(ref, new=8, input_ids=ids))
     block = model.model.layers[1]
-    assert all(p.is_meta for p in block.parameters())  # nothing resident between forwards
+    resident = torch.cuda.memory_allocated()
+    # nothing on the GPU between forwards: the module holds its pinned CPU weights
+    assert all(p.device.type == "cpu" and p.is_pinned() for p in block.parameters())
     assert all(w.is_pinned() for w in block._hf_hook.weights_map.values())
+    with torch.no_grad():
+        model(ids)
+    assert torch.cuda.memory_allocated() == resident  # the streamed copies were dropped
     assert model.hetero_transfers.total == 0  # every block executes on the GPU: nothing crosses
     remove_placement(model)
     assert {p.device.type for p in block.parameters()} == {"cpu"}
+
+
+@needs_cuda
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_the_planners_split_through_accelerate_matches_the_all_gpu_model(cache):
+    """max_memory too small for the model: the planner puts the embedding and the first layers
+    on the CPU, the rest on the GPU. Input ids on either device; logits come back to them."""
+    ref = tiny_llama(layers=6).to(GPU)
+    model = hetero_llm.accelerate(copy.deepcopy(ref).cpu(), max_memory={"cuda": 600_000, "cpu": "4GiB"},
+                                  quantize="none", kernels="torch", prompt_len=16)
+    device_map = model.hetero_plan.device_map
+    assert set(device_map.values()) == {"cpu", GPU} and device_map["model.embed_tokens"] == "cpu"
+    first_gpu = min(int(n.rsplit(".", 1)[1]) for n, d in device_map.items()
+                    if n.startswith("model.layers.") and d == GPU)
+    into_gpu = boundary_tensors(model, first_gpu)
+    kw = {} if cache == "dynamic" else dict(cache_implementation="static")
+    for ids in (prompt(), prompt().to(GPU)):
+        with torch.no_grad():
+            got = model(ids).logits
+        assert got.device == ids.device
+        torch.testing.assert_close(got.to(GPU), ref(ids.to(GPU)).logits, **TOL)
+        model.hetero_transfers.reset()
+        into_gpu.clear()
+        out = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0, return_dict_in_generate=True,
+                             **kw)
+        assert torch.equal(out.sequences.to(GPU), greedy(ref, new=8, input_ids=ids.to(GPU), **kw))
+        if ids.device.type == "cpu":  # hidden states, cos, sin, position ids (mask) over; logits back
+            assert model.hetero_transfers.count == {("cpu", GPU): sum(into_gpu), (GPU, "cpu"): len(into_gpu)}
+        for i, layer in enumerate(out.past_key_values.layers):
+            assert layer.keys.device.type == ("cuda" if i >= first_gpu else "cpu")

@@ -9,7 +9,7 @@ top-level block (embedding, decoder layers, final norm, lm_head, ...) goes to it
 - blocks in `plan.offload` keep their weights in (pinned) CPU memory and stream them to their
   execution device at every forward, with accelerate's AlignDevicesHook, as accelerate's own
   device_map offload does;
-- the logits come back to the main device (the first block's), so generate() works.
+- the logits come back to the device of the inputs (else the first block's), so generate() works.
 
 The weights move now, so the passes after this one (kernels) build their modules on the right
 device. The hooks are attached at the model's first forward (`attach_placement`), because those
@@ -20,10 +20,11 @@ offloaded block would be built from weights no longer there). Everything is reco
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
 import torch
 from torch import nn
 
-from ..errors import HardwareError, InvalidOptionError, PlanMismatchError
+from ..errors import HardwareError, PlanMismatchError
 from ..planner.plan import Plan
 from .offload import offload_block, remove_offload
 from .transfer import InputsTo, LogitsTo, OutputsOn, Transport, canonical
@@ -65,6 +66,7 @@ def place(model: nn.Module, labels: dict[str, str], offload: tuple[str, ...] = (
     """
     resolve = resolve or {label: physical_device(label) for label in set(labels.values())}
     _check_blocks(model, labels, offload)
+    labels = _weightless_follow_main(model, labels)
     remove_placement(model)
     for name, label in labels.items():
         model.get_submodule(name).to("cpu" if name in offload else resolve[label])
@@ -117,15 +119,11 @@ def _check_devices(labels: dict[str, str], available: list[str]) -> None:
 
 
 def _check_blocks(model: nn.Module, labels: dict[str, str], offload: tuple[str, ...]) -> None:
-    """Offload names placed blocks, never the first; tied weights share a device and an offload."""
+    """Offload names placed blocks; tied weights share a device and an offload."""
     unknown = [name for name in offload if name not in labels]
     if unknown:
         raise PlanMismatchError(f"plan.offload names {unknown[:3]}, which the device_map does not place; "
                                 "list offloaded blocks in plan.device_map with their execution device.")
-    if next(iter(labels)) in offload:
-        raise InvalidOptionError(
-            f"plan.offload lists {next(iter(labels))}, the first block: the model's device would be the "
-            "meta device between steps and generate() would put its inputs there. Run it on CPU instead.")
     owner: dict[int, str] = {}
     for name in labels:
         for t in list(model.get_submodule(name).parameters()) + list(model.get_submodule(name).buffers()):
@@ -134,6 +132,24 @@ def _check_blocks(model: nn.Module, labels: dict[str, str], offload: tuple[str, 
                 raise PlanMismatchError(
                     f"{other} and {name} share a tied weight but the plan places them apart "
                     f"({labels[other]} / {labels[name]}); give both the same device (and offload).")
+
+
+def _weightless_follow_main(model: nn.Module, labels: dict[str, str]) -> dict[str, str]:
+    """Blocks without weights (rotary embeddings) run on the main device, whatever the map says.
+
+    They compute on their input's device (LlamaRotaryEmbedding moves its inv_freq there), so
+    placing one elsewhere would only add crossings: the hidden states over to it and its cos/sin
+    back to the layers on the main side.
+    """
+    main = next(iter(labels.values()))
+    out = {}
+    for name, label in labels.items():
+        block = model.get_submodule(name)
+        transient = {b for _, m in block.named_modules() for b in m._non_persistent_buffers_set}
+        weightless = not any(True for _ in block.parameters()) and all(
+            n.rsplit(".", 1)[-1] in transient for n, _ in block.named_buffers())
+        out[name] = main if weightless else label
+    return out
 
 
 def _move_unplaced(model: nn.Module, labels: dict[str, str], device: torch.device) -> None:
@@ -183,10 +199,10 @@ def attach_placement(model: nn.Module) -> None:
         if transport.pretends(label):
             placement.handles.append(block.register_forward_hook(OutputsOn(transport, label)))
         if name in placement.offload:
-            placement.handles.extend(offload_block(block, transport.devices[label]))
+            offload_block(block, transport.devices[label])
             placement.offloaded.append(name)
         previous = label
-    placement.handles.append(model.register_forward_hook(LogitsTo(transport, placement.main)))
+    placement.handles.append(model.register_forward_hook(LogitsTo(transport, placement.main), with_kwargs=True))
     placement.attached = True
 
 

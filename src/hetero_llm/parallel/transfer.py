@@ -18,8 +18,9 @@ from __future__ import annotations
 import copy
 import functools
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -78,7 +79,7 @@ class Transport:
         self._copies: dict[str, dict[int, tuple]] = {label: {} for label in self.devices}
         self._tags: dict[int, tuple] = {}  # simulation only: id -> (weakref, label)
 
-    def __deepcopy__(self, memo: dict) -> "Transport":
+    def __deepcopy__(self, memo: dict) -> Transport:
         # Copies and tags refer to the original's live tensors: a copy starts empty. The counter
         # goes through memo so the copied model's `hetero_transfers` is the copy's counter.
         return Transport(self.devices, copy.deepcopy(self.counter, memo))
@@ -184,15 +185,21 @@ class OutputsOn:
 
 
 class LogitsTo:
-    """Forward hook on the whole model: logits back on the main device (generate() appends the
-    next token to input_ids there), only when the last block left them elsewhere."""
+    """Forward hook (with kwargs) on the whole model: the logits back on the device of the input
+    ids (generate() appends the next token to them there), as accelerate's io_same_device does;
+    the main device when there are none. Copies only when the last block left them elsewhere."""
 
     def __init__(self, transport: Transport, label: str):
         self.transport, self.label = transport, label
 
     @_eager
-    def __call__(self, module, args, output):
+    def __call__(self, module, args, kwargs, output):
         logits = output.get("logits") if isinstance(output, dict) else None
-        if isinstance(logits, torch.Tensor) and self.transport.label_of(logits) != self.label:
-            output["logits"] = self.transport.fetch(logits, self.label)
+        if not isinstance(logits, torch.Tensor):
+            return output
+        inputs = kwargs.get("input_ids", args[0] if args else None)
+        inputs = inputs if inputs is not None else kwargs.get("inputs_embeds")
+        dst = self.transport.label_of(inputs) if isinstance(inputs, torch.Tensor) else self.label
+        if dst in self.transport.devices and self.transport.label_of(logits) != dst:
+            output["logits"] = self.transport.fetch(logits, dst)
         return output
