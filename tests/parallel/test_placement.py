@@ -383,3 +383,22 @@ def test_deepcopy_of_a_placed_model_works_and_is_independent(before_first_forwar
     remove_placement(clone)
     assert torch.equal(logits(model, ids), logits(ref, ids))  # the original keeps its hooks
     assert hasattr(model, "hetero_placement")
+
+
+def test_the_planners_split_runs_with_a_pretend_gpu(monkeypatch):
+    """The planner's own device map for an H100 with a budget below the model (embedding and the
+    first layers on the CPU, the rest on "cuda:0"), through accelerate(), "cuda:0" being the CPU.
+    Its GPU blocks carry GPU kernel choices (Triton), which fall back to torch on CPU tensors."""
+    monkeypatch.setattr(placement, "available_devices", lambda: ["cpu", "cuda:0"])
+    monkeypatch.setattr(placement, "physical_device", lambda label: torch.device("cpu"))
+    ref = tiny_llama(layers=6)
+    plan = hetero_llm.plan(ref, hardware="h100-80gb", max_memory={"cuda": 600_000, "cpu": "1GiB"},
+                           quantize="none", prompt_len=16)
+    assert set(plan.device_map.values()) == {"cpu", "cuda:0"} and plan.device_map["model.embed_tokens"] == "cpu"
+    model = hetero_llm.accelerate(copy.deepcopy(ref), plan=dataclasses.replace(plan, device="cpu"))
+    ids = prompt()
+    torch.testing.assert_close(logits(model, ids), logits(ref, ids), atol=1e-4, rtol=1e-4)
+    model.hetero_transfers.reset()
+    assert torch.equal(greedy(model), greedy(ref))
+    # per step: hidden states, cos, sin and position ids over (no mask without padding); logits back
+    assert model.hetero_transfers.count == {("cpu", "cuda:0"): 4 * 6, ("cuda:0", "cpu"): 6}
