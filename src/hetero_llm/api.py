@@ -12,7 +12,7 @@ from .errors import (AlreadyAcceleratedError, ForeignQuantizationError, Hardware
                      InvalidOptionError, MetaDeviceError, NotAModelError, PlanMismatchError)
 from .hardware import Hardware, hardware_profile, inspect_hardware
 from .kernels.apply import kernels_pass
-from .parallel.placement import place_pass
+from .parallel.placement import attach_placement, place_pass
 from .planner import Plan, make_plan
 from .planner.profile import profile_model
 from .quant.apply import calibrated_modules, check_quantizable, quantize_pass
@@ -162,6 +162,7 @@ def accelerate(model: nn.Module, *, plan: Plan | None = None, hardware: Hardware
     for _, apply_pass in PASSES:
         replaced.extend(apply_pass(model, chosen) or [])
     model.eval()  # modules the passes created start in training mode
+    attach_placement(model)  # boundary hooks of a multi-device plan, after the kernels pass swapped modules
     model.hetero_plan = chosen
     model.hetero_replaced = replaced
     return model
