@@ -155,3 +155,34 @@ def test_unknown_config_version_is_refused(cls):
 def test_empty_device_is_refused_like_other_empty_options():
     with pytest.raises(InvalidOptionError):
         Options.from_kwargs(device="")
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(max_memory={"cuda": "lots"}), "size such as"),
+    (dict(max_memory={"tpu": "8GiB"}), "max_memory key"),
+    (dict(max_memory=["8GiB"]), "max_memory must be a dict"),
+    (dict(device_map={"model.layers.0": "disk"}), "device_map"),
+    (dict(device_map={3: "cpu"}), "module names"),
+    (dict(device_map="auto"), "device_map must be a dict"),
+    (dict(batch_size=0), "batch_size"),
+    (dict(prompt_len=-1), "prompt_len"),
+])
+def test_bad_placement_and_workload_options_are_typed_errors(kwargs, match):
+    with pytest.raises(InvalidOptionError, match=match):
+        Options.from_kwargs(**kwargs)
+
+
+def test_bad_scheme_overrides_are_typed_errors():
+    with pytest.raises(InvalidOptionError, match="overrides"):
+        QuantConfig(overrides={"*.down_proj": "fp4"})
+    with pytest.raises(InvalidOptionError, match="overrides must be a dict"):
+        QuantConfig(overrides=["*.down_proj"])
+
+
+def test_placement_options_normalize_and_round_trip():
+    o = Options.from_kwargs(max_memory={"cuda": "1.5GB", 1: 1024, "cpu": "2GiB"},
+                            device_map={"lm_head": "CUDA", "model.layers.3": "offload"}, batch_size=4)
+    assert dict(o.placement.max_memory) == {"cuda:0": 1_500_000_000, "cuda:1": 1024, "cpu": 2 * 2**30}
+    assert dict(o.placement.device_map) == {"lm_head": "cuda:0", "model.layers.3": "offload"}
+    hash(o)
+    assert Options.from_dict(json.loads(json.dumps(o.to_dict()))) == o

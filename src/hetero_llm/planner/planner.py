@@ -20,7 +20,7 @@ from . import cost
 from .blocks import plan_fusions, plan_other, residual_fusions
 from .plan import Plan, PlanEntry
 from .placement import split_for_budget
-from .predict import predict, quant_bytes
+from .predict import DTYPE_BYTES, predict, quant_bytes
 from .profile import ModuleProfile, profile_model
 
 
@@ -130,9 +130,6 @@ def _linear_spec(p: ModuleProfile, options: Options, scheme: str, tied_lm_head: 
     return spec, ""
 
 
-_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1}
-
-
 # Linears whose input comes straight out of a norm: few activation outliers, so W8A8 keeps
 # accuracy there (SmoothQuant); down_proj's input and the logits are where it breaks.
 W8A8_SAFE_ROLES = frozenset({"q", "k", "v", "qkv", "gate", "up", "gate_up", "fc_in"})
@@ -217,7 +214,7 @@ def _plan_device(model: nn.Module, spec, role_map, profiles: list[ModuleProfile]
     triton_gpu = device == "cuda" and hardware.triton.can_run_gpu_kernels
     backend = choose_kernel_backend(options, device, hardware)
     dtype = next((p.dtype for p in profiles if p.kind == "linear"), "float32")
-    kv_bytes, _ = _kv_bytes_per_token(model, _BYTES.get(dtype, 4))
+    kv_bytes, _ = _kv_bytes_per_token(model, DTYPE_BYTES.get(dtype, 4))
     entries: dict[str, PlanEntry] = {}
     for p in profiles:
         if p.kind == "linear":
@@ -239,7 +236,7 @@ def make_plan(model: nn.Module, hardware: Hardware, options: Options, *, strict:
     tied = _tied(model)
     entries, fusions, cm, backend = _plan_device(model, spec, role_map, profiles, tied, hardware, options, device)
     dtype = next((p.dtype for p in profiles if p.kind == "linear"), "float32")
-    kv_bytes, hidden = _kv_bytes_per_token(model, _BYTES.get(dtype, 4))
+    kv_bytes, hidden = _kv_bytes_per_token(model, DTYPE_BYTES.get(dtype, 4))
     notes = []
     if spec is None:
         notes.append(f"model_type {model_type_of(model)!r} has no role table: Linear layers are "

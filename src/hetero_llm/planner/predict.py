@@ -10,13 +10,13 @@ from .cost import CostModel
 from .plan import PlanEntry, Prediction
 from .profile import ModuleProfile
 
-_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1}
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1}
 
 
 def quant_bytes(p: ModuleProfile, quant: str | None) -> float:
     """Weight bytes a decode step reads: INT8 values plus their scales (and zero points)."""
     if not quant:
-        return p.in_features * p.out_features * _BYTES.get(p.dtype, 4)
+        return p.in_features * p.out_features * DTYPE_BYTES.get(p.dtype, 4)
     spec = QuantSpec.parse(quant)
     groups = p.in_features // spec.group_size if spec.granularity == "group" else 1
     return p.in_features * p.out_features + 4 * groups * (2 if spec.asymmetric else 1) * p.out_features
