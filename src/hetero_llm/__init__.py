@@ -7,7 +7,7 @@
 from ._version import __version__
 from .api import accelerate, plan
 from .config import KernelConfig, Options, PlacementConfig, PruneConfig, QuantConfig
-from .errors import (AlreadyAcceleratedError, ForeignQuantizationError, HardwareError, HeteroLLMError,
+from .errors import (AlreadyAcceleratedError, DistributedError, ForeignQuantizationError, HardwareError, HeteroLLMError,
                      HeteroLLMWarning, InvalidOptionError, MetaDeviceError, ModelLoadError,
                      NonFiniteWeightError, NotAModelError, PlanMismatchError,
                      UnsupportedArchitectureError)
@@ -20,5 +20,5 @@ __all__ = [
     "PlanEntry", "QuantConfig", "PruneConfig", "KernelConfig", "PlacementConfig", "Options",
     "HeteroLLMError", "HeteroLLMWarning", "NotAModelError", "UnsupportedArchitectureError",
     "MetaDeviceError", "ForeignQuantizationError", "InvalidOptionError", "AlreadyAcceleratedError",
-    "PlanMismatchError", "HardwareError", "ModelLoadError", "NonFiniteWeightError",
+    "PlanMismatchError", "HardwareError", "ModelLoadError", "NonFiniteWeightError", "DistributedError",
 ]

@@ -13,14 +13,15 @@ from .errors import (AlreadyAcceleratedError, ForeignQuantizationError, Hardware
 from .hardware import Hardware, hardware_profile, inspect_hardware
 from .kernels.apply import kernels_pass
 from .parallel.placement import attach_placement, place_pass
+from .parallel.shard import join_job, local_plan, shard_pass
 from .planner import Plan, make_plan
 from .planner.profile import profile_model
 from .quant.apply import calibrated_modules, check_quantizable, quantize_pass
 from .quant.calibrate import activation_absmax
 
 # Passes in the order of the data flow: prune -> quantize -> shard -> place -> kernels.
-# Pruning and sharding join this list when they land.
-# quantize_pass runs first, with the calibration statistics it may need.
+# Pruning joins this list when it lands. quantize_pass runs first, with the calibration
+# statistics it may need; shard_pass runs only for tp/pp > 1, with this rank's place in the job.
 PASSES = (("place", place_pass), ("kernels", kernels_pass))
 
 
@@ -155,12 +156,19 @@ def accelerate(model: nn.Module, *, plan: Plan | None = None, hardware: Hardware
     _prepare(model)
     chosen = plan if plan is not None else make_plan(model, _resolve_hardware(hardware),
                                                      Options.from_kwargs(**options), strict=strict)
+    ctx = None
+    if chosen.parallel is not None:  # join the torchrun job before the first change; rank 0's plan wins
+        ctx, chosen = join_job(chosen)
     check_plan_matches(model, chosen)
     check_quantizable(model, chosen)  # fail before the first change, not halfway
     act_absmax = _calibrate(model, chosen, calibration_data)
     replaced = list(quantize_pass(model, chosen, act_absmax))
+    applied = chosen
+    if ctx is not None:
+        replaced.extend(shard_pass(model, chosen, ctx))
+        applied = local_plan(model, chosen)
     for _, apply_pass in PASSES:
-        replaced.extend(apply_pass(model, chosen) or [])
+        replaced.extend(apply_pass(model, applied) or [])
     model.eval()  # modules the passes created start in training mode
     attach_placement(model)  # boundary hooks of a multi-device plan, after the kernels pass swapped modules
     model.hetero_plan = chosen

@@ -256,7 +256,13 @@ class PlacementConfig(_Config):
     device_map: pins, {module name: "cpu" | "cuda[:N]" | "offload"} for the embedding, a
     decoder layer (e.g. "model.layers.30"), the final norm or lm_head. "cpu" computes that
     block on the CPU; "offload" keeps its weights in CPU memory and streams them to the GPU
-    every step. The planner places everything not pinned. tp/pp > 1 come with sharding.
+    every step. The planner places everything not pinned.
+    tp, pp: tensor- and pipeline-parallel degrees inside a torchrun job (world size = tp * pp).
+    vocab_parallel: with tp > 1, split the embedding and lm_head over the vocabulary too
+    (less memory per rank; one all-reduce and one all-gather per step) instead of replicating them.
+    micro_batches: with pp > 1, how many pieces a batched prompt is cut into so the stages
+    work at once (0: one per sequence, up to 4 * pp).
+    timeout_s: how long a rank waits for another before every rank stops with an error.
     """
 
     device: str = "auto"
@@ -264,6 +270,9 @@ class PlacementConfig(_Config):
     pp: int = 1
     max_memory: dict[str, int] = field(default_factory=dict)
     device_map: dict[str, str] = field(default_factory=dict)
+    vocab_parallel: bool = True
+    micro_batches: int = 0
+    timeout_s: float = 60.0
     version: int = CONFIG_VERSION
 
     DEVICES = ("auto", "cpu", "cuda")
@@ -272,17 +281,24 @@ class PlacementConfig(_Config):
         object.__setattr__(self, "device", _choice("device", self.device, self.DEVICES))
         object.__setattr__(self, "max_memory", _max_memory(self.max_memory))
         object.__setattr__(self, "device_map", _device_map(self.device_map))
-        for name in ("tp", "pp"):
-            if _positive_int(name, getattr(self, name)) > 1:
-                raise InvalidOptionError(
-                    f"{name}={getattr(self, name)} is not available in this version of hetero_llm; "
-                    f"use {name}=1.")
+        _positive_int("tp", self.tp)
+        _positive_int("pp", self.pp)
+        _bool("vocab_parallel", self.vocab_parallel)
+        if isinstance(self.micro_batches, bool) or not isinstance(self.micro_batches, int) or self.micro_batches < 0:
+            raise InvalidOptionError(f"micro_batches must be an int >= 0 (0: automatic); got {self.micro_batches!r}")
+        timeout = self.timeout_s
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < float("inf"):
+            raise InvalidOptionError(f"timeout_s must be a positive number of seconds, e.g. 60; got {timeout!r}")
+        object.__setattr__(self, "timeout_s", float(timeout))
+        if (self.tp > 1 or self.pp > 1) and self.device_map:
+            raise InvalidOptionError("device_map pins and tp/pp > 1 cannot be combined: a sharded model places "
+                                     "each rank's part on that rank's device. Drop device_map (or use tp=pp=1).")
 
 
 _SHORTCUT_FIELD = {"quantize": (QuantConfig, "scheme"), "prune": (PruneConfig, "method"),
                    "kernels": (KernelConfig, "backend")}
 OPTION_NAMES = ("quantize", "prune", "kernels", "device", "tp", "pp", "max_memory", "device_map",
-                "batch_size", "prompt_len")
+                "vocab_parallel", "micro_batches", "timeout_s", "batch_size", "prompt_len")
 
 
 @dataclass(frozen=True)
@@ -334,7 +350,10 @@ class Options(_Config):
         built["placement"] = PlacementConfig(device="auto" if device is None else device,
                                              tp=options.get("tp", 1), pp=options.get("pp", 1),
                                              max_memory=options.get("max_memory") or {},
-                                             device_map=options.get("device_map") or {})
+                                             device_map=options.get("device_map") or {},
+                                             vocab_parallel=options.get("vocab_parallel", True),
+                                             micro_batches=options.get("micro_batches", 0),
+                                             timeout_s=options.get("timeout_s", 60.0))
         built["workload"] = WorkloadConfig(batch_size=options.get("batch_size", 1),
                                            prompt_len=options.get("prompt_len", 512))
         return cls(**built)

@@ -46,5 +46,10 @@ class NonFiniteWeightError(HeteroLLMError, ValueError):
     """A weight holds NaN or inf, so it cannot be quantized."""
 
 
+class DistributedError(HeteroLLMError, RuntimeError):
+    """A tensor/pipeline-parallel job cannot go on: it was launched wrongly, or another rank
+    died, raised or stopped answering within the timeout."""
+
+
 class HeteroLLMWarning(UserWarning):
     """Something was changed or skipped that the user should know about."""

@@ -42,6 +42,10 @@ class ArchitectureSpec:
     # "rotary": Llama-style attention (fused qkv, rotary from position_embeddings,
     # SDPA) that may be replaced whole by kernels.modules.RotaryAttention.
     attention_style: str | None = None
+    # Tensor parallel: attention attributes that hold head counts, set to a rank's local
+    # "heads", "kv_heads" or "width" (heads x head_dim). "config.X" overrides X in a per-module
+    # view of the config, for attention code that reads the model config.
+    tp_attention: dict[str, str] = field(default_factory=dict)
     notes: str = ""
 
 
@@ -73,14 +77,16 @@ ARCHITECTURES: tuple[ArchitectureSpec, ...] = (
         roles={"attention": "self_attn", "qkv": "self_attn.qkv_proj", "o": "self_attn.o_proj",
                "mlp": "mlp", "gate_up": "mlp.gate_up_proj", "down": "mlp.down_proj",
                "attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm"},
-        model_roles=dict(_LLAMA_MODEL), notes="q/k/v and gate/up are already fused in the checkpoint"),
+        model_roles=dict(_LLAMA_MODEL), notes="q/k/v and gate/up are already fused in the checkpoint",
+        tp_attention={"num_key_value_heads": "kv_heads", "config.num_attention_heads": "heads"}),
     ArchitectureSpec(
         family="gpt2", model_types=("gpt2",), layers="transformer.h",
         roles={"attention": "attn", "qkv": "attn.c_attn", "o": "attn.c_proj", "mlp": "mlp",
                "fc_in": "mlp.c_fc", "fc_out": "mlp.c_proj", "attn_norm": "ln_1", "mlp_norm": "ln_2"},
         model_roles={"embed": "transformer.wte", "pos_embed": "transformer.wpe",
                      "final_norm": "transformer.ln_f", "lm_head": "lm_head"},
-        norm_style="layer", linear_kind="conv1d", notes="Conv1D layers store weights as (in, out)"),
+        norm_style="layer", linear_kind="conv1d", notes="Conv1D layers store weights as (in, out)",
+        tp_attention={"num_heads": "heads", "split_size": "width", "embed_dim": "width"}),
     ArchitectureSpec(
         family="opt", model_types=("opt",), layers="model.decoder.layers",
         roles={"attention": "self_attn", "q": "self_attn.q_proj", "k": "self_attn.k_proj",
@@ -88,7 +94,8 @@ ARCHITECTURES: tuple[ArchitectureSpec, ...] = (
                "attn_norm": "self_attn_layer_norm", "mlp_norm": "final_layer_norm"},
         model_roles={"embed": "model.decoder.embed_tokens", "pos_embed": "model.decoder.embed_positions",
                      "final_norm": "model.decoder.final_layer_norm", "lm_head": "lm_head"},
-        norm_style="layer", fusions=(("qkv", ("q", "k", "v")),)),
+        norm_style="layer", fusions=(("qkv", ("q", "k", "v")),),
+        tp_attention={"num_heads": "heads", "embed_dim": "width"}),
 )
 
 _BY_MODEL_TYPE = {mt: spec for spec in ARCHITECTURES for mt in spec.model_types}

@@ -66,7 +66,8 @@ def attend(backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask
 def fuses_residual(backend: str, linear: nn.Module) -> bool:
     """Whether `project_add` adds the residual inside the matmul (a plain floating-point Linear
     on the Triton path); otherwise the add is a separate op, best fused into the next norm."""
-    return backend == "triton" and type(linear) is nn.Linear
+    # A row-parallel linear's output must be all-reduced (a hook) before the residual joins it.
+    return backend == "triton" and type(linear) is nn.Linear and not getattr(linear, "hetero_row_parallel", False)
 
 
 def project_add(backend: str, linear: nn.Module, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:

@@ -77,6 +77,47 @@ class Prediction:
 
 
 @dataclass(frozen=True)
+class RankShare:
+    """What one rank holds: its pipeline stage's layers, its tp slice, and the weight bytes."""
+
+    rank: int
+    stage: int
+    tp_rank: int
+    layers: tuple[int, int]
+    q_heads: tuple[int, int]
+    kv_heads: tuple[int, int]
+    mlp: tuple[int, int]
+    vocab: tuple[int, int] | None
+    weight_mb: float
+
+
+@dataclass(frozen=True)
+class ParallelPlan:
+    tp: int
+    pp: int
+    vocab_parallel: bool
+    micro_batches: int
+    timeout_s: float
+    ranks: tuple[RankShare, ...]
+    single_weight_mb: float  # the same plan in one process, for comparison
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ParallelPlan":
+        def share(r: dict) -> RankShare:
+            vocab = r.get("vocab")
+            return RankShare(**{**r, "layers": tuple(r["layers"]), "q_heads": tuple(r["q_heads"]),
+                                "kv_heads": tuple(r["kv_heads"]), "mlp": tuple(r["mlp"]),
+                                "vocab": None if vocab is None else tuple(vocab)})
+        return cls(**{**d, "ranks": tuple(share(r) for r in d["ranks"])})
+
+    def stage_of_layer(self, index: int) -> int:
+        return next(r.stage for r in self.ranks if r.layers[0] <= index < r.layers[1])
+
+
+@dataclass(frozen=True)
 class Plan:
     """Every decision hetero_llm makes for one model on one machine."""
 
@@ -95,6 +136,8 @@ class Plan:
     device_map: dict[str, str] = field(default_factory=dict)
     # Blocks whose weights stay in CPU memory and are copied to their device every forward.
     offload: tuple[str, ...] = ()
+    # tp/pp > 1: what each rank of the torchrun job holds. None: one process.
+    parallel: ParallelPlan | None = None
     version: int = PLAN_VERSION
 
     # -- lookups -------------------------------------------------------------
@@ -167,7 +210,8 @@ class Plan:
                 model_settings=dict(d.get("model_settings", {})),
                 prediction=Prediction(**pred) if pred else None,
                 notes=tuple(d.get("notes", ())), device_map=dict(d.get("device_map", {})),
-                offload=tuple(d.get("offload", ())), version=version)
+                offload=tuple(d.get("offload", ())),
+                parallel=ParallelPlan.from_dict(d["parallel"]) if d.get("parallel") else None, version=version)
         except (KeyError, TypeError) as exc:
             raise PlanMismatchError(f"not a valid hetero_llm plan: {exc}") from exc
 

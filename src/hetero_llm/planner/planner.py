@@ -19,6 +19,7 @@ from ..quant.w8a8 import BACKENDS as W8A8_BACKENDS
 from . import cost
 from .blocks import plan_fusions, plan_other, residual_fusions
 from .plan import Plan, PlanEntry
+from .parallel import check_parallel, plan_parallel
 from .placement import split_for_budget
 from .predict import DTYPE_BYTES, predict, quant_bytes
 from .profile import ModuleProfile, profile_model
@@ -245,8 +246,14 @@ def make_plan(model: nn.Module, hardware: Hardware, options: Options, *, strict:
         notes.append(f"{len(role_map.missing)} table entries not found in this model "
                      f"(first: {role_map.missing[0]})")
     prediction = predict(entries, profiles, tied, cm, options.workload.prompt_len, hidden)
-    ordered, device_map, offload = list(entries.values()), {}, ()
-    if device == "cuda":
+    ordered, device_map, offload, parallel = list(entries.values()), {}, (), None
+    if options.placement.tp * options.placement.pp > 1:
+        check_parallel(spec)
+        entries, parallel, prediction, par_notes = plan_parallel(model, spec, entries, profiles, tied, options,
+                                                                 device, prediction)
+        ordered = list(entries.values())
+        notes.extend(par_notes)
+    elif device == "cuda":
         def cpu_plan():
             return _plan_device(model, spec, role_map, profiles, tied, hardware, options, "cpu")
         placed = split_for_budget(spec, profiles, tied, hardware, options, entries, fusions, cm,
@@ -266,4 +273,5 @@ def make_plan(model: nn.Module, hardware: Hardware, options: Options, *, strict:
     return Plan(model_type=model_type_of(model), family=spec.family if spec else None, device=device,
                 hardware=hardware.to_dict(), options=options.to_dict(), entries=tuple(ordered),
                 fusions=tuple(fusions), model_settings=settings,
-                prediction=prediction, notes=tuple(notes), device_map=device_map, offload=offload)
+                prediction=prediction, notes=tuple(notes), device_map=device_map, offload=offload,
+                parallel=parallel)
