@@ -5,8 +5,8 @@ and caches stay transformers' own); the parts another stage computes are stand-i
 no weights. The first layer of a stage receives the hidden states from the previous
 stage, the last one sends them on, and the logits go from the last stage to every rank,
 so every rank's generate() picks the same tokens. Each stage's KV cache holds only its
-own layers; a stand-in layer records zero heads for its layer so that the cache's length,
-which transformers reads from layer 0, stays right on every stage.
+own layers; a stand-in layer records one value per token for its layer so that the cache's
+length, which transformers reads from layer 0, stays right on every stage.
 
 A batched prompt is cut into micro-batches: the first stage sends micro-batch i and starts
 on i + 1 while the next stage works on i. Their caches are joined along the batch at the end.
@@ -41,8 +41,9 @@ class SkippedLayer(nn.Module):
         cache = _find_cache(args, kwargs)
         if cache is not None:
             b, s = hidden_states.shape[:2]
-            empty = hidden_states.new_zeros(b, 0, s, 1)  # zero heads: no memory, the right length
-            cache.update(empty, empty, self.layer_idx)
+            # One value per token (not zero heads: transformers reads an empty layer as length 0).
+            marker = hidden_states.new_zeros(b, 1, s, 1)
+            cache.update(marker, marker, self.layer_idx)
         return hidden_states
 
     def extra_repr(self) -> str:
@@ -142,11 +143,17 @@ def _batch_size(kwargs) -> int:
     return 0 if ids is None else ids.shape[0]
 
 
-def _is_fresh_prompt(kwargs) -> bool:
+def _splittable_prompt(kwargs) -> bool:
+    """A prompt (several tokens) into an empty dynamic cache, with at most a 2-D padding mask.
+    A static cache comes with a 4-D mask sized for it (generate() builds it), so such a
+    prompt runs whole."""
+    from transformers import DynamicCache
+
     ids = kwargs.get("input_ids")
     ids = ids if ids is not None else kwargs.get("inputs_embeds")
-    cache = kwargs.get("past_key_values")
-    return ids is not None and ids.shape[1] > 1 and (cache is None or cache.get_seq_length() == 0)
+    cache, mask = kwargs.get("past_key_values"), kwargs.get("attention_mask")
+    fresh_cache = cache is None or (type(cache) is DynamicCache and cache.get_seq_length() == 0)
+    return ids is not None and ids.shape[1] > 1 and fresh_cache and (mask is None or mask.dim() == 2)
 
 
 def _micro_batched(forward, rt: PipelineRuntime, micro_batches: int, pp: int):
@@ -156,25 +163,28 @@ def _micro_batched(forward, rt: PipelineRuntime, micro_batches: int, pp: int):
     def run(*args, **kwargs):
         batch = _batch_size(kwargs)
         pieces = min(batch, micro_batches or 4 * pp)
-        if args or pieces < 2 or not _is_fresh_prompt(kwargs):
+        if args or pieces < 2 or not _splittable_prompt(kwargs):
             return forward(*args, **kwargs)
         bounds = torch.linspace(0, batch, pieces + 1).round().long().tolist()
-        target, outputs, caches = kwargs.get("past_key_values"), [], []
+        use_cache = kwargs.get("use_cache", True) is not False
+        target = kwargs.get("past_key_values")
+        if use_cache and target is None:
+            target = DynamicCache()
+        outputs, caches = [], []
         # The inner forwards skip the model's hooks: the logits are shared once, after all pieces.
         for lo, hi in zip(bounds[:-1], bounds[1:]):
             part = {k: (v[lo:hi] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == batch
                         and k != "cache_position" else v) for k, v in kwargs.items()}
-            if target is not None:
+            if use_cache:
                 part["past_key_values"] = DynamicCache()
                 caches.append(part["past_key_values"])
             outputs.append(forward(**part))
         out = outputs[-1]
         out.logits = torch.cat([o.logits for o in outputs])
-        if target is not None:
+        if use_cache:  # one cache for the whole batch, as the caller expects
             for i in range(len(caches[0].layers)):
-                keys = torch.cat([c.layers[i].keys for c in caches])
-                values = torch.cat([c.layers[i].values for c in caches])
-                target.update(keys, values, i)
+                target.update(torch.cat([c.layers[i].keys for c in caches]),
+                              torch.cat([c.layers[i].values for c in caches]), i)
             out.past_key_values = target
         return out
 

@@ -38,6 +38,12 @@ def _param(t: torch.Tensor) -> nn.Parameter:
     return nn.Parameter(t, requires_grad=False)
 
 
+def _record(m: nn.Module, name: str, dim: int | None, pieces: tuple[Range, ...] = ()) -> None:
+    """Remember which slice of the checkpoint tensor `name` this module now holds, so a meta
+    model sliced here can read exactly that from safetensors (dim None: zeros, not read)."""
+    m.__dict__.setdefault("_hetero_slices", {})[name] = (dim, pieces)
+
+
 def _scaled_pieces(pieces: tuple[Range, ...], unit: int) -> tuple[Range, ...]:
     if any(a % unit or b % unit for a, b in pieces):
         raise ValueError(f"shard boundaries {pieces} are not multiples of the quantization group size {unit}")
@@ -47,11 +53,14 @@ def _scaled_pieces(pieces: tuple[Range, ...], unit: int) -> tuple[Range, ...]:
 def _slice_linear(m: nn.Linear, s: ShardSpec, pieces, keep_bias: bool) -> None:
     if s.dim == "out":
         m.weight = _param(take(m.weight.data, 0, pieces))
+        _record(m, "weight", 0, pieces)
         if m.bias is not None:
             m.bias = _param(take(m.bias.data, 0, pieces))
+            _record(m, "bias", 0, pieces)
         m.out_features = m.weight.shape[0]
     else:
         m.weight = _param(take(m.weight.data, 1, pieces))
+        _record(m, "weight", 1, pieces)
         if m.bias is not None and not keep_bias:
             m.bias = None
         m.in_features = m.weight.shape[1]
@@ -62,11 +71,15 @@ def _slice_conv1d(m: nn.Module, s: ShardSpec, pieces, keep_bias: bool) -> None:
     if s.dim == "out":
         m.weight = _param(take(m.weight.data, 1, pieces))
         m.bias = _param(take(m.bias.data, 0, pieces))
+        _record(m, "weight", 1, pieces)
+        _record(m, "bias", 0, pieces)
         m.nf = m.weight.shape[1]
     else:
         m.weight = _param(take(m.weight.data, 0, pieces))
+        _record(m, "weight", 0, pieces)
         if not keep_bias:
             m.bias = _param(torch.zeros_like(m.bias.data))  # Conv1D always adds a bias
+            _record(m, "bias", None)
     m.nx = m.weight.shape[0]
 
 
@@ -105,6 +118,7 @@ def _slice_embedding(m: nn.Module, pieces) -> None:
         m._refresh()
     else:
         m.weight = _param(take(m.weight.data, 0, pieces))
+        _record(m, "weight", 0, pieces)
     m.num_embeddings = b - a
     pad = getattr(m, "padding_idx", None)
     if pad is not None:

@@ -8,6 +8,9 @@ Activations are quantized dynamically, symmetric, one scale per token (row).
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +22,37 @@ QMIN_ASYM, QMAX_ASYM = -128, 127
 
 
 GRANULARITIES = ("channel", "group", "tensor")
+
+# fn(stat, op) -> stat, op "max" or "min": combines a weight's statistics over the ranks that
+# each hold part of its rows (see reduce_statistics). None: the weight is whole here.
+_STAT_REDUCER: contextvars.ContextVar[Callable[[torch.Tensor, str], torch.Tensor] | None] = \
+    contextvars.ContextVar("hetero_llm_stat_reducer", default=None)
+
+
+@contextlib.contextmanager
+def reduce_statistics(fn: Callable[[torch.Tensor, str], torch.Tensor]) -> Iterator[None]:
+    """Within this block, per-channel and per-tensor ranges are reduced with `fn(stat, op)`
+    (op "max" or "min"; it reduces `stat` in place across ranks and returns it) before the
+    scales are computed.
+
+    For a row-parallel weight quantized after slicing: each rank holds part of every row, and
+    the row's scale must be the one of the whole row, or ranks would quantize the same row
+    differently from an unsliced model. Enter it only around weights cut along their inputs
+    (or per-tensor weights cut either way): reducing per-row statistics of rows that differ
+    between ranks would mix unrelated rows. Per-group statistics are never reduced: shard
+    boundaries fall on group boundaries (parallel/layout.py), so every group is whole on one
+    rank. Every rank of the group must quantize the same weights in the same order.
+    """
+    token = _STAT_REDUCER.set(fn)
+    try:
+        yield
+    finally:
+        _STAT_REDUCER.reset(token)
+
+
+def _reduced(stat: torch.Tensor, op: str, per_group: bool) -> torch.Tensor:
+    fn = _STAT_REDUCER.get()
+    return stat if fn is None or per_group else fn(stat.contiguous(), op)
 
 
 @dataclass
@@ -95,7 +129,8 @@ def quantize_symmetric(weight: torch.Tensor, name: str = "weight", *, group_size
     """Symmetric INT8, per output channel (default), per group or per tensor."""
     check_finite(weight, name)
     w = _grouped(weight.detach().to(torch.float32), group_size, per_tensor)
-    scale = _safe_scale(w.abs().amax(dim=2), float(QMAX_SYM))  # (out|1, groups|1)
+    absmax = _reduced(w.abs().amax(dim=2), "max", group_size is not None and not per_tensor)
+    scale = _safe_scale(absmax, float(QMAX_SYM))  # (out|1, groups|1)
     q = torch.round(w / scale[..., None]).clamp_(QMIN_SYM, QMAX_SYM).to(torch.int8)
     return QuantizedWeight(q.reshape(weight.shape).contiguous(),
                            _scale_shape(scale, weight.shape[0], group_size, per_tensor))
@@ -107,8 +142,9 @@ def quantize_asymmetric(weight: torch.Tensor, name: str = "weight", *, group_siz
     check_finite(weight, name)
     w = _grouped(weight.detach().to(torch.float32), group_size, per_tensor)
     # The range must contain 0 so that zero stays exactly representable.
-    lo = w.amin(dim=2).clamp(max=0.0)
-    hi = w.amax(dim=2).clamp(min=0.0)
+    per_group = group_size is not None and not per_tensor
+    lo = _reduced(w.amin(dim=2).clamp(max=0.0), "min", per_group)
+    hi = _reduced(w.amax(dim=2).clamp(min=0.0), "max", per_group)
     span = hi.double() - lo.double()
     scale = _safe_scale(span, float(QMAX_ASYM - QMIN_ASYM))
     zero_point = (QMIN_ASYM - torch.round(lo / scale)).clamp_(QMIN_ASYM, QMAX_ASYM).to(torch.int32)
