@@ -16,6 +16,7 @@ import os
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Self
 
 import torch
 from torch import nn
@@ -41,7 +42,7 @@ class _Checkpoint:
         self._open: dict[Path, object] = {}
         self._renamed: dict[str, str] | None = None
 
-    def __enter__(self) -> _Checkpoint:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -226,6 +227,9 @@ def _read(ckpt: _Checkpoint, key: str, record: Record | None, like: torch.Tensor
     shape = list(sl.get_shape())
     dim, pieces = record if record is not None else (None, ())
     if record is not None:
+        # The record does not say how long the unsliced dim was, so a checkpoint longer along
+        # it than the model's config (more MLP channels, say) is caught only where an unsliced
+        # dim disagrees too; ranges past the checkpoint's end are always caught.
         if not 0 <= dim < len(shape) or any(not 0 <= a <= b <= shape[dim] for a, b in pieces):
             _mismatch(name, key, shape, record, like)
         shape[dim] = sum(b - a for a, b in pieces)
@@ -267,7 +271,7 @@ def _rebuild_buffers(model: nn.Module) -> None:
         try:
             with torch.device("cpu"):
                 fresh = type(module)(config=config)
-        except Exception as err:  # noqa: BLE001 - any failure means: we cannot rebuild it
+        except Exception as err:  # whatever the constructor raises means: it cannot be rebuilt
             where = ", ".join(f"{name}.{b}" if name else b for b in meta)
             raise ModelLoadError(
                 f"{where}: not in the checkpoint and {type(module).__name__}(config=...) could not recompute it "
