@@ -13,7 +13,8 @@ from .errors import (AlreadyAcceleratedError, ForeignQuantizationError, Hardware
 from .hardware import Hardware, hardware_profile, inspect_hardware
 from .kernels.apply import kernels_pass
 from .parallel.placement import attach_placement, place_pass
-from .parallel.shard import join_job, local_plan, shard_pass
+from .parallel.checkpoint import load_shard
+from .parallel.shard import cut_pass, join_job, local_plan, stat_reducer, wire_pass
 from .planner import Plan, make_plan
 from .planner.profile import profile_model
 from .quant.apply import calibrated_modules, check_quantizable, quantize_pass
@@ -21,7 +22,7 @@ from .quant.calibrate import activation_absmax
 
 # Passes in the order of the data flow: prune -> quantize -> shard -> place -> kernels.
 # Pruning joins this list when it lands. quantize_pass runs first, with the calibration
-# statistics it may need; shard_pass runs only for tp/pp > 1, with this rank's place in the job.
+# statistics it may need; for tp/pp > 1, cut_pass and wire_pass shard it for this rank of the job.
 PASSES = (("place", place_pass), ("kernels", kernels_pass))
 
 
@@ -128,11 +129,21 @@ def _already_accelerated(model: nn.Module, requested: Plan | None, options: dict
         "Load the original model again and call accelerate() once with the options you want.")
 
 
-def _prepare(model: nn.Module) -> None:
-    if any(t.device.type == "meta" for t in list(model.parameters()) + list(model.buffers())):
+def _prepare(model: nn.Module, checkpoint: Any) -> None:
+    on_meta = any(t.device.type == "meta" for t in list(model.parameters()) + list(model.buffers()))
+    if checkpoint is not None:
+        if not on_meta:
+            raise InvalidOptionError(
+                "checkpoint= fills a model built on the meta device (e.g. under accelerate.init_empty_weights()); "
+                "this model already has its weights. Drop checkpoint=, or build the model without weights.")
+        if model.training:
+            model.eval()
+        return
+    if on_meta:
         raise MetaDeviceError(
             "the model's weights are on the meta device (no data), so they cannot be quantized or run. "
-            "Load real weights first; hetero_llm.plan() works on meta models if you only need the plan.")
+            "Load real weights first, or pass checkpoint=<safetensors directory> to read them (with tp/pp, "
+            "each rank reads only its slice); hetero_llm.plan() works on meta models if you only need the plan.")
     _check_foreign_quantization(model)
     if model.training:
         warnings.warn("accelerate() switched the model to eval mode: INT8 and fused modules are for "
@@ -140,33 +151,57 @@ def _prepare(model: nn.Module) -> None:
         model.eval()
 
 
+def _apply_sharded_from_checkpoint(model: nn.Module, chosen: Plan, ctx, checkpoint: Any) -> list:
+    """Meta model: cut it to this rank's part, read exactly that from the checkpoint, then
+    quantize the slices (row-parallel scale statistics reduced over the ranks)."""
+    replaced = cut_pass(model, chosen, ctx) if ctx is not None else []
+    load_shard(model, checkpoint)
+    applied = local_plan(model, chosen) if ctx is not None else chosen
+    check_quantizable(model, applied)
+    replaced.extend(quantize_pass(model, applied, None, stat_reducer(chosen, ctx) if ctx is not None else None))
+    if ctx is not None:
+        wire_pass(model, chosen, ctx)
+    return replaced
+
+
 def accelerate(model: nn.Module, *, plan: Plan | None = None, hardware: Hardware | str | None = None,
-               calibration_data: Any = None, strict: bool = True, **options: Any) -> nn.Module:
+               calibration_data: Any = None, strict: bool = True, checkpoint: Any = None,
+               **options: Any) -> nn.Module:
     """Plan (unless a plan is given) and apply it to `model` in place; returns the same object.
 
     The applied plan is attached as `model.hetero_plan`. Calling again with the
     same request is a no-op; with a different one it raises
-    AlreadyAcceleratedError.
+    AlreadyAcceleratedError. `checkpoint`: a safetensors file or Hugging Face model
+    directory to read the weights of a meta-device model from; with tp/pp > 1 (inside
+    torchrun) each rank reads only its own slice.
     """
     _check_model(model)
     if hasattr(model, "hetero_plan"):
         return _already_accelerated(model, plan, options)
     if plan is not None and options:
         raise InvalidOptionError("pass either plan= or options, not both: a plan already holds its options.")
-    _prepare(model)
+    _prepare(model, checkpoint)
     chosen = plan if plan is not None else make_plan(model, _resolve_hardware(hardware),
                                                      Options.from_kwargs(**options), strict=strict)
     ctx = None
     if chosen.parallel is not None:  # join the torchrun job before the first change; rank 0's plan wins
         ctx, chosen = join_job(chosen)
     check_plan_matches(model, chosen)
-    check_quantizable(model, chosen)  # fail before the first change, not halfway
-    act_absmax = _calibrate(model, chosen, calibration_data)
-    replaced = list(quantize_pass(model, chosen, act_absmax))
-    applied = chosen
-    if ctx is not None:
-        replaced.extend(shard_pass(model, chosen, ctx))
-        applied = local_plan(model, chosen)
+    if checkpoint is not None:
+        if calibration_data is not None or calibrated_modules(chosen):
+            raise InvalidOptionError(
+                "calibration (W8A8 smoothing or outlier channels) runs the whole model, which a meta model "
+                "read slice by slice never is. Load the full model instead of checkpoint=, or use "
+                "QuantConfig(scheme='w8a8', smooth_alpha=0) or quantize='int8'.")
+        replaced = _apply_sharded_from_checkpoint(model, chosen, ctx, checkpoint)
+    else:
+        check_quantizable(model, chosen)  # fail before the first change, not halfway
+        act_absmax = _calibrate(model, chosen, calibration_data)
+        replaced = list(quantize_pass(model, chosen, act_absmax))
+        if ctx is not None:
+            replaced.extend(cut_pass(model, chosen, ctx))
+            wire_pass(model, chosen, ctx)
+    applied = local_plan(model, chosen) if ctx is not None else chosen
     for _, apply_pass in PASSES:
         replaced.extend(apply_pass(model, applied) or [])
     model.eval()  # modules the passes created start in training mode

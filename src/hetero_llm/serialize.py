@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ._version import __version__
-from .errors import HardwareError, HeteroLLMError, ModelLoadError, PlanMismatchError
+from .errors import DistributedError, HardwareError, HeteroLLMError, ModelLoadError, PlanMismatchError
 from .planner.plan import Plan
 
 FORMAT = "hetero_llm"
@@ -71,6 +71,11 @@ def save(model: nn.Module, path: str | os.PathLike, *, tokenizer: Any = None, ov
     if plan is None:
         raise HeteroLLMError("save() writes a model accelerated by hetero_llm (it stores the plan with the "
                              "weights); call hetero_llm.accelerate(model) first, or use model.save_pretrained().")
+    if getattr(model, "hetero_parallel", None) is not None:
+        raise DistributedError(
+            "save() writes a whole model, and this one is sharded: this rank holds only its tp/pp slice. "
+            "Save the model before accelerate(..., tp=/pp=) (hetero_llm.save or save_pretrained), and shard "
+            "when loading: accelerate(meta_model, tp=..., checkpoint=path) reads each rank's slice.")
     target = Path(path)
     if target.exists() and (not target.is_dir() or any(target.iterdir())) and not overwrite:
         raise HeteroLLMError(f"{target} already exists and is not empty; pass overwrite=True to replace it "

@@ -63,7 +63,21 @@ def same_on_every_rank(t: torch.Tensor) -> bool:
     return all(torch.equal(parts[0], p) for p in parts)
 
 
-def compare(kind: str, options: dict, quantize: str = "none") -> dict:
+def from_checkpoint(kind: str) -> torch.nn.Module:
+    """A meta skeleton; accelerate(checkpoint=) reads each rank's slice from safetensors."""
+    import accelerate
+
+    path = Path(os.environ["CHECKPOINT_DIR"]) / kind
+    if dist.get_rank() == 0 and not path.exists():
+        tiny(kind).save_pretrained(path)
+    dist.barrier()
+    with accelerate.init_empty_weights():
+        model = transformers.AutoModelForCausalLM.from_config(tiny(kind).config, attn_implementation="sdpa")
+    model.__dict__["_checkpoint"] = path
+    return model.eval()
+
+
+def compare(kind: str, options: dict, quantize: str = "none", checkpoint: bool = False) -> dict:
     ids, mask = inputs()
     ref = hetero_llm.accelerate(tiny(kind), quantize=quantize, device="cpu")
     full = weight_bytes(ref)
@@ -79,14 +93,24 @@ def compare(kind: str, options: dict, quantize: str = "none") -> dict:
             fp_logits = fp(input_ids=ids, attention_mask=mask).logits
         quant_err = (want - fp_logits).abs().max().item()
     del ref
-    model = hetero_llm.accelerate(tiny(kind), quantize=quantize, device="cpu", **options)
+    if checkpoint:
+        skeleton = from_checkpoint(kind)
+        model = hetero_llm.accelerate(skeleton, quantize=quantize, device="cpu",
+                                      checkpoint=skeleton.__dict__.pop("_checkpoint"), **options)
+    else:
+        model = hetero_llm.accelerate(tiny(kind), quantize=quantize, device="cpu", **options)
     with torch.no_grad():
         got = model(input_ids=ids, attention_mask=mask).logits
     greedy = model.generate(ids, **gen)
     static = model.generate(ids[:2], attention_mask=mask[:2], max_new_tokens=6, do_sample=False,
                             pad_token_id=0, cache_implementation="static")
     plan = model.hetero_plan
-    out = {"max_abs_diff": (got - want).abs().max().item(),
+    try:
+        hetero_llm.save(model, f"/tmp/hetero-sharded-save-{dist.get_rank()}")
+        save_error = None
+    except hetero_llm.DistributedError as err:
+        save_error = type(err).__name__
+    out = {"save_error": save_error, "logits_checksum": got.double().sum().item(),"max_abs_diff": (got - want).abs().max().item(),
            "greedy_same": torch.equal(greedy, want_greedy), "static_same": torch.equal(static, want_static),
            "same_on_every_rank": same_on_every_rank(got) and same_on_every_rank(greedy),
            "weight_ratio": weight_bytes(model) / full,
@@ -114,6 +138,11 @@ def scenario_correctness() -> dict:
     results["qwen2-tp-int8-replicated-vocab"] = compare("qwen2", {"tp": 2, "vocab_parallel": False},
                                                        quantize="int8")
     results["gpt2-pp-int8-microbatch2"] = compare("gpt2", {"pp": 2, "micro_batches": 2}, quantize="int8")
+    results["llama-tp-checkpoint"] = compare("llama", {"tp": 2}, checkpoint=True)
+    results["gpt2-pp-checkpoint"] = compare("gpt2", {"pp": 2}, checkpoint=True)
+    results["qwen2-tp-int8"] = compare("qwen2", {"tp": 2}, quantize="int8")
+    results["qwen2-tp-int8-checkpoint"] = compare("qwen2", {"tp": 2}, quantize="int8", checkpoint=True)
+    results["llama-tp-int8-asym-checkpoint"] = compare("llama", {"tp": 2}, quantize="int8-asym", checkpoint=True)
     results["world-mismatch"] = expect_error({"tp": 2, "pp": 2})
     return results
 

@@ -35,12 +35,13 @@ def torchrun(scenario: str, out: Path, timeout: float, **env: str) -> tuple[subp
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("dist")
-    proc, _ = torchrun("correctness", out, timeout=600)
+    proc, _ = torchrun("correctness", out, timeout=600, CHECKPOINT_DIR=str(out))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
 
 
-CASES = ["llama-tp", "llama-pp", "qwen2-tp", "qwen2-pp", "gpt2-tp", "gpt2-pp"]
+CASES = ["llama-tp", "llama-pp", "qwen2-tp", "qwen2-pp", "gpt2-tp", "gpt2-pp",
+         "llama-tp-checkpoint", "gpt2-pp-checkpoint"]
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -50,13 +51,14 @@ def test_logits_and_greedy_tokens_equal_one_process(results, case):
         assert r["max_abs_diff"] <= 1e-4, r
         assert r["greedy_same"] and r["static_same"], r  # padded batch, dynamic and static caches
         assert r["same_on_every_rank"], r
+        assert r["save_error"] == "DistributedError", r  # a shard is not a whole model
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c.endswith("-tp")])
 def test_tensor_parallel_halves_each_ranks_weights(results, case):
     for rank in results:
         assert rank[case]["weight_ratio"] <= 0.55, rank[case]
-        assert rank[case]["shards"] == ["column", "replicated", "row", "vocab"]
+        assert rank[case]["shards"] == ["column", "heads", "replicated", "row", "vocab"]
     # The plan predicted what each rank holds.
     planned = results[0][case]["planned_mb"]
     assert max(planned) / results[0][case]["single_mb"] <= 0.55
@@ -70,7 +72,8 @@ def test_pipeline_stages_hold_their_layers_only(results, case):
 
 
 def test_int8_tensor_parallel_matches_int8_one_process(results):
-    for case in ("llama-tp-int8", "qwen2-tp-int8-replicated-vocab", "gpt2-pp-int8-microbatch2"):
+    for case in ("llama-tp-int8", "qwen2-tp-int8-replicated-vocab", "gpt2-pp-int8-microbatch2",
+                 "qwen2-tp-int8-checkpoint", "llama-tp-int8-asym-checkpoint"):
         for rank in results:
             r = rank[case]
             # Scales are sliced with their weights; what differs is the summation order and the
@@ -79,6 +82,15 @@ def test_int8_tensor_parallel_matches_int8_one_process(results):
             assert r["max_abs_diff"] <= r["quant_err"], r
             assert r["greedy_same"] and r["same_on_every_rank"], r
     assert results[0]["gpt2-pp-int8-microbatch2"]["max_abs_diff"] == 0.0  # pp moves tensors, no math
+
+
+def test_ranks_reading_their_slice_of_a_checkpoint_match_ranks_given_the_full_model(results):
+    for rank in results:
+        # Quantized after slicing, with row-parallel scale statistics reduced over the ranks:
+        # the same INT8 model as quantizing first and slicing after.
+        assert rank["qwen2-tp-int8-checkpoint"]["logits_checksum"] == rank["qwen2-tp-int8"]["logits_checksum"]
+        assert rank["qwen2-tp-int8-checkpoint"]["weight_ratio"] <= 0.55
+        assert rank["llama-tp-checkpoint"]["weight_ratio"] <= 0.55
 
 
 def test_replicated_vocabulary_keeps_embedding_whole(results):

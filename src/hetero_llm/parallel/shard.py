@@ -13,7 +13,8 @@ from ..planner.plan import Plan
 from .comm import ParallelContext, init_parallel
 from .layout import tensor_layout
 from .pipeline import EmbeddingStandIn, LogitsStandIn, SkippedLayer, split_pipeline
-from .tensor import shard_tensor_parallel
+from .layout import TensorLayout
+from .tensor import slice_tensor_parallel, wire_tensor_parallel
 
 _STAND_INS = (SkippedLayer, EmbeddingStandIn, LogitsStandIn, nn.Identity)
 
@@ -28,23 +29,55 @@ def join_job(plan: Plan) -> tuple[ParallelContext, Plan]:
     return ctx, agreed
 
 
-def shard_pass(model: nn.Module, plan: Plan, ctx: ParallelContext) -> list[tuple[str, str, str]]:
+def _roles(model: nn.Module, spec) -> dict[str, str]:
+    modules = dict(model.named_modules())
+    return {n: r for n, r in map_roles(model, spec).roles.items() if not isinstance(modules[n], _STAND_INS)}
+
+
+def _layout(model: nn.Module, plan: Plan) -> TensorLayout | None:
+    par = plan.parallel
+    if par.tp == 1:
+        return None
+    spec = spec_by_family(plan.family)
+    return tensor_layout(model, spec, par.tp, par.vocab_parallel, mlp_unit({e.name: e for e in plan.entries}))
+
+
+def cut_pass(model: nn.Module, plan: Plan, ctx: ParallelContext) -> list[tuple[str, str, str]]:
     """Pipeline stage first (drops the layers other stages run), then the tensor-parallel
-    slices of what is left. The freed weights are released before returning."""
+    slices of what is left. Works on meta models (nothing is read until parallel/checkpoint.py)."""
     spec = spec_by_family(plan.family)
     par = plan.parallel
+    lay = _layout(model, plan)  # from the whole model's shapes, before the stand-ins replace parts
     swaps = []
     if par.pp > 1:
         swaps += split_pipeline(model, spec, par.ranks[ctx.rank].layers, ctx, par.micro_batches)
-    if par.tp > 1:
-        modules = dict(model.named_modules())
-        roles = {n: r for n, r in map_roles(model, spec).roles.items()
-                 if not isinstance(modules[n], _STAND_INS)}
-        lay = tensor_layout(model, spec, par.tp, par.vocab_parallel, mlp_unit({e.name: e for e in plan.entries}))
-        swaps += shard_tensor_parallel(model, spec, roles, lay, ctx)
+    if lay is not None:
+        swaps += slice_tensor_parallel(model, spec, _roles(model, spec), lay, ctx.tp_rank)
     model.hetero_parallel = ctx
-    gc.collect()
+    model.__dict__["_hetero_layout"] = lay
+    gc.collect()  # release the weights this rank no longer holds
     return swaps
+
+
+def wire_pass(model: nn.Module, plan: Plan, ctx: ParallelContext) -> None:
+    """The tensor-parallel messages, on the final modules (after quantization)."""
+    lay = model.__dict__.pop("_hetero_layout", None)
+    if lay is not None:
+        wire_tensor_parallel(model, _roles(model, spec_by_family(plan.family)), lay, ctx)
+
+
+def stat_reducer(plan: Plan, ctx: ParallelContext):
+    """For quantizing after slicing: which modules' scale statistics must be reduced over the
+    tp ranks so they equal the unsliced model's (row-parallel weights; per-tensor scales)."""
+    if plan.parallel.tp == 1:
+        return None
+    shards = {e.name: (e.shard, e.quant or "") for e in plan.entries}
+
+    def reducer_for(name: str):
+        shard, quant = shards.get(name, (None, ""))
+        per_tensor = quant.endswith(":tensor") and shard in ("column", "row", "vocab")
+        return ctx.reduce_stat if shard == "row" or per_tensor else None
+    return reducer_for
 
 
 def local_plan(model: nn.Module, plan: Plan) -> Plan:

@@ -215,12 +215,13 @@ def unwire(module: nn.Module) -> None:
         module.__dict__.pop(attr, None)
 
 
-def shard_tensor_parallel(model: nn.Module, spec: ArchitectureSpec, roles: dict[str, str], lay: TensorLayout,
-                          ctx: ParallelContext) -> list[tuple[str, str, str]]:
-    """Slice every module with a tp role to this rank's part and wire its messages."""
+def slice_tensor_parallel(model: nn.Module, spec: ArchitectureSpec, roles: dict[str, str], lay: TensorLayout,
+                          rank: int) -> list[tuple[str, str, str]]:
+    """Cut every module with a tp role down to this rank's part (meta tensors too) and give
+    attention modules their local head counts."""
     from .layout import role_shard
 
-    rank, done = ctx.tp_rank, []
+    done = []
     tied = _tied_lm_head(model, spec)
     for name, role in roles.items():
         shard = role_shard(role, lay)
@@ -229,8 +230,7 @@ def shard_tensor_parallel(model: nn.Module, spec: ArchitectureSpec, roles: dict[
         module = model.get_submodule(name)
         if not (role == "lm_head" and tied):
             slice_module(module, shard, rank)
-        wire(module, shard, ctx)
-        done.append((name, type(module).__name__, f"{shard.kind}-parallel, tp rank {rank} of {ctx.tp}"))
+        done.append((name, type(module).__name__, f"{shard.kind}-parallel, tp rank {rank} of {lay.tp}"))
     if tied:  # the lm_head reads the (now sliced) embedding's weight, as before
         tied.weight = model.get_submodule(spec.model_roles["embed"]).weight
     for block in model.get_submodule(spec.layers):
@@ -238,6 +238,16 @@ def shard_tensor_parallel(model: nn.Module, spec: ArchitectureSpec, roles: dict[
         if attn is not None:  # None: a layer another pipeline stage runs
             localize_attention(block.get_submodule(spec.roles["attention"]), spec, lay, rank)
     return done
+
+
+def wire_tensor_parallel(model: nn.Module, roles: dict[str, str], lay: TensorLayout, ctx: ParallelContext) -> None:
+    """The messages of every split module; after quantization, which replaces modules."""
+    from .layout import role_shard
+
+    for name, role in roles.items():
+        shard = role_shard(role, lay)
+        if shard is not None:
+            wire(model.get_submodule(name), shard, ctx)
 
 
 def _tied_lm_head(model: nn.Module, spec: ArchitectureSpec) -> nn.Module | None:

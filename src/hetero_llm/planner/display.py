@@ -8,7 +8,7 @@ if TYPE_CHECKING:
     from .plan import Plan
 
 _INDEX = re.compile(r"\.(\d+)\.")
-COLUMNS = ("module", "type", "role", "action", "kernel", "quant", "decode µs", "reason")
+COLUMNS = ("module", "type", "role", "action", "kernel", "quant", "shard", "decode µs", "reason")
 
 
 def _ranges(indices: list[int]) -> str:
@@ -33,16 +33,17 @@ def plan_rows(plan: "Plan", full: bool = False) -> list[dict[str, str]]:
     for e in plan.entries:
         m = None if full else _INDEX.search(e.name)
         pattern = _INDEX.sub(".{i}.", e.name, count=1) if m else e.name
-        key = (pattern, e.module_type, e.role, e.action, e.kernel, e.quant, e.reason,
+        key = (pattern, e.module_type, e.role, e.action, e.kernel, e.quant, e.shard, e.reason,
                round(e.decode_us_before, 1), round(e.decode_us_after, 1))
         groups.setdefault(key, []).append(int(m.group(1)) if m else None)
     rows = []
     for key, idx in groups.items():
-        pattern, mtype, role, action, kernel, quant, reason, before, after = key
+        pattern, mtype, role, action, kernel, quant, shard, reason, before, after = key
         name = pattern.replace("{i}", "{" + _ranges([i for i in idx if i is not None]) + "}")
         count = f" ×{len(idx)}" if len(idx) > 1 else ""
         timing = f"{before:g} → {after:g}{count}" if (before or after) else ""
-        rows.append(dict(zip(COLUMNS, (name, mtype, role, action, kernel, quant or "-", timing, reason))))
+        rows.append(dict(zip(COLUMNS, (name, mtype, role, action, kernel, quant or "-", shard or "-", timing,
+                                       reason))))
     return rows
 
 
@@ -68,6 +69,28 @@ def _header(plan: "Plan") -> list[str]:
     if plan.model_settings:
         lines.append("model: " + ", ".join(f"{k}={v}" for k, v in plan.model_settings.items()))
     lines.extend(f"note: {n}" for n in plan.notes)
+    lines.extend(_rank_lines(plan))
+    return lines
+
+
+def _span(r: tuple[int, int]) -> str:
+    return f"{r[0]}-{r[1] - 1}" if r[1] - r[0] > 1 else str(r[0])
+
+
+def _rank_lines(plan: "Plan") -> list[str]:
+    """One line per rank of a tp/pp plan: what that process holds."""
+    par = plan.parallel
+    if par is None:
+        return []
+    lines = [f"ranks: tp={par.tp} x pp={par.pp} (torchrun --nproc-per-node {par.tp * par.pp}), "
+             f"timeout {par.timeout_s:g} s; one process would hold {par.single_weight_mb:.1f} MB"]
+    for r in par.ranks:
+        parts = [f"rank {r.rank}: stage {r.stage} layers {_span(r.layers)}"]
+        if par.tp > 1:
+            parts.append(f"q heads {_span(r.q_heads)}, kv heads {_span(r.kv_heads)}, mlp {r.mlp[0]}:{r.mlp[1]}")
+            parts.append(f"vocab {r.vocab[0]}:{r.vocab[1]}" if r.vocab else "vocab replicated")
+        parts.append(f"{r.weight_mb:.1f} MB ({r.weight_mb / max(par.single_weight_mb, 1e-9):.2f}x)")
+        lines.append("  " + " · ".join(parts))
     return lines
 
 

@@ -74,7 +74,8 @@ def parallel_entries(entries: dict[str, PlanEntry], lay: TensorLayout | None) ->
     out = {}
     for name, e in entries.items():
         shard = role_shard(e.role, lay) if lay is not None else None
-        changes: dict[str, Any] = {"shard": shard.kind if shard else "replicated"}
+        kind = shard.kind if shard else ("heads" if e.role == "attention" and lay is not None else "replicated")
+        changes: dict[str, Any] = {"shard": kind}
         if e.quant == "w8a8" and e.role in ROW_ROLES and lay is not None:
             changes.update(quant="int8", kernel="auto",
                            reason=e.reason + "; weight-only INT8: row-parallel under tp")

@@ -1,6 +1,9 @@
 """The quantize pass: swap every module the plan quantizes for its INT8 version."""
 from __future__ import annotations
 
+import contextlib
+from typing import Callable
+
 import torch
 from torch import nn
 
@@ -10,7 +13,7 @@ from .calibrate import outlier_channels, smoothing_factors
 from .embedding import Int8Embedding, TiedInt8Linear
 from .backends import usable_backend
 from .modules import Int8Linear, linear_weight
-from .primitives import check_finite
+from .primitives import check_finite, reduce_statistics
 from .schemes import QuantSpec
 from .w8a8 import W8A8Linear
 from .w8a8 import pick_backend as w8a8_pick
@@ -79,12 +82,14 @@ def _embeddings_first(model: nn.Module, plan: Plan) -> list[tuple[PlanEntry, nn.
     return sorted(pairs, key=lambda pair: not isinstance(pair[1], nn.Embedding))
 
 
-def quantize_pass(model: nn.Module, plan: Plan,
-                  act_absmax: dict[str, torch.Tensor] | None = None) -> list[tuple[str, str, str]]:
+def quantize_pass(model: nn.Module, plan: Plan, act_absmax: dict[str, torch.Tensor] | None = None,
+                  reducer_for: Callable[[str], Callable | None] | None = None) -> list[tuple[str, str, str]]:
     """Quantize in place; returns (module, old type, new type) for each swap.
 
     `act_absmax` (from calibrate.activation_absmax) is needed for W8A8 with
-    smoothing or outlier channels.
+    smoothing or outlier channels. `reducer_for(name)`: for a model already sliced over
+    tensor-parallel ranks, the function that reduces that module's scale statistics over
+    the ranks (primitives.reduce_statistics), or None.
     """
     if calibrated_modules(plan) and act_absmax is None:
         raise ValueError("this plan's W8A8 layers need calibration statistics")  # api.py always passes them
@@ -92,11 +97,13 @@ def quantize_pass(model: nn.Module, plan: Plan,
     w8a8 = _w8a8_inputs(plan, {e.name: old for e, old in ordered}, act_absmax)
     swaps, new_embeddings = [], {}
     for e, old in ordered:
-        if isinstance(old, nn.Embedding):
-            new = Int8Embedding.from_embedding(old, e.name)
-            new_embeddings[id(old.weight)] = new
-        else:
-            new = _quantize_linear(e, old, new_embeddings, w8a8)
+        reducer = reducer_for(e.name) if reducer_for is not None else None
+        with reduce_statistics(reducer) if reducer is not None else contextlib.nullcontext():
+            if isinstance(old, nn.Embedding):
+                new = Int8Embedding.from_embedding(old, e.name)
+                new_embeddings[id(old.weight)] = new
+            else:
+                new = _quantize_linear(e, old, new_embeddings, w8a8)
         replace_module(model, e.name, new)
         swaps.append((e.name, type(old).__name__, type(new).__name__))
     return swaps
