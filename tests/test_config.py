@@ -89,7 +89,8 @@ def test_from_dict_validates_values():
     with pytest.raises(InvalidOptionError):
         QuantConfig.from_dict({"scheme": "int9"})
     with pytest.raises(InvalidOptionError):
-        PlacementConfig.from_dict({"device": "cpu", "tp": 2})
+        PlacementConfig.from_dict({"device": "cpu", "tp": 0})
+    assert PlacementConfig.from_dict({"device": "cpu", "tp": 2}).tp == 2  # tensor parallel is available
 
 
 @pytest.mark.parametrize("make, hint", [
@@ -113,8 +114,9 @@ def test_from_dict_validates_values():
     (lambda: KernelConfig(backend="cuda"), "choose one of"),
     (lambda: KernelConfig(backend="tourch"), "Did you mean 'torch'"),
     (lambda: PlacementConfig(device="tpu"), "choose one of"),
-    (lambda: PlacementConfig(tp=2), "not available"),
-    (lambda: PlacementConfig(pp=2), "not available"),
+    (lambda: PlacementConfig(tp=-1), "positive integer"),
+    (lambda: PlacementConfig(pp=2, micro_batches=1.5), "micro_batches"),
+    (lambda: PlacementConfig(tp=2, timeout_s=float("inf")), "timeout_s"),
     (lambda: PlacementConfig(tp=0), "positive integer"),
     (lambda: PlacementConfig(tp=-1), "positive integer"),
     (lambda: PlacementConfig(tp=True), "positive integer"),
