@@ -62,12 +62,16 @@ class ParallelContext:
             f"failed: another rank died, raised or did not answer within timeout_s={self.timeout_s:g}. "
             f"Look at the other ranks' logs for the first error. ({type(err).__name__}: {str(err)[:300]})")
 
+    def _run(self, what: str, call, *args, **kwargs):
+        """One torch.distributed call; a failure becomes a DistributedError naming `what`."""
+        try:
+            return call(*args, **kwargs)
+        except (RuntimeError, dist.DistBackendError) as err:
+            raise self._failed(what, err) from err
+
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         """Sum over the tensor-parallel group, in place."""
-        try:
-            dist.all_reduce(t, group=self.tp_group)
-        except (RuntimeError, dist.DistBackendError) as err:
-            raise self._failed("all_reduce over the tensor-parallel group", err) from err
+        self._run("all_reduce over the tensor-parallel group", dist.all_reduce, t, group=self.tp_group)
         return t
 
     def all_gather_last(self, t: torch.Tensor, sizes: list[int]) -> torch.Tensor:
@@ -75,59 +79,36 @@ class ParallelContext:
         width = max(sizes)
         padded = t if t.shape[-1] == width else torch.nn.functional.pad(t, (0, width - t.shape[-1]))
         parts = [torch.empty_like(padded) for _ in range(self.tp)]
-        try:
-            dist.all_gather(parts, padded.contiguous(), group=self.tp_group)
-        except (RuntimeError, dist.DistBackendError) as err:
-            raise self._failed("all_gather over the tensor-parallel group", err) from err
+        self._run("all_gather over the tensor-parallel group", dist.all_gather, parts, padded.contiguous(),
+                  group=self.tp_group)
         return torch.cat([p[..., :n] for p, n in zip(parts, sizes)], dim=-1)
 
-    def send(self, t: torch.Tensor, dst: int) -> None:
-        try:
-            dist.send(t.contiguous(), dst, group=self.world_group)
-        except (RuntimeError, dist.DistBackendError) as err:
-            raise self._failed(f"sending activations to rank {dst}", err) from err
-
     def isend(self, t: torch.Tensor, dst: int):
-        try:
-            return dist.isend(t.contiguous(), dst, group=self.world_group)
-        except (RuntimeError, dist.DistBackendError) as err:
-            raise self._failed(f"sending activations to rank {dst}", err) from err
+        return self._run(f"sending activations to rank {dst}", dist.isend, t.contiguous(), dst,
+                         group=self.world_group)
 
     def wait(self, work, what: str) -> None:
-        try:
-            work.wait()
-        except (RuntimeError, dist.DistBackendError) as err:
-            raise self._failed(what, err) from err
+        self._run(what, work.wait)
 
     def recv(self, t: torch.Tensor, src: int) -> torch.Tensor:
-        try:
-            dist.recv(t, src, group=self.world_group)
-        except (RuntimeError, dist.DistBackendError) as err:
-            raise self._failed(f"receiving activations from rank {src}", err) from err
+        self._run(f"receiving activations from rank {src}", dist.recv, t, src, group=self.world_group)
         return t
 
     def broadcast(self, t: torch.Tensor, src: int) -> torch.Tensor:
-        try:
-            dist.broadcast(t, src, group=self.world_group)
-        except (RuntimeError, dist.DistBackendError) as err:
-            raise self._failed(f"broadcast from rank {src}", err) from err
+        self._run(f"broadcast from rank {src}", dist.broadcast, t, src, group=self.world_group)
         return t
 
     def agree(self, text: str) -> str:
         """Rank 0's `text` on every rank (the plan: every rank must apply the same one)."""
         box = [text]
-        try:
-            dist.broadcast_object_list(box, src=0, group=self.world_group)
-        except (RuntimeError, dist.DistBackendError) as err:
-            raise self._failed("sharing rank 0's plan", err) from err
+        self._run("sharing rank 0's plan", dist.broadcast_object_list, box, src=0, group=self.world_group)
         return box[0]
 
     def reduce_stat(self, t: torch.Tensor, op: str) -> torch.Tensor:
         """Elementwise max/min over the tp group (quantization statistics of a sharded weight)."""
-        try:
-            dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.MIN, group=self.tp_group)
-        except (RuntimeError, dist.DistBackendError) as err:
-            raise self._failed(f"all_reduce({op}) of quantization statistics", err) from err
+        reduce_op = dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.MIN
+        self._run(f"all_reduce({op}) of quantization statistics", dist.all_reduce, t, op=reduce_op,
+                  group=self.tp_group)
         return t
 
 
