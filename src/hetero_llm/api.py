@@ -17,12 +17,16 @@ from .parallel.checkpoint import load_shard
 from .parallel.shard import cut_pass, join_job, local_plan, stat_reducer, wire_pass
 from .planner import Plan, make_plan
 from .planner.profile import profile_model
+from .prune.apply import calibration_targets, prune_config, prune_pass, share_statistics
+from .prune.structured import plan_shrink, pruned_view
 from .quant.apply import calibrated_modules, check_quantizable, quantize_pass
-from .quant.calibrate import activation_absmax
+from .integrations.transformers import spec_by_family
+from .quant.calibrate import activation_absmax, activation_stats
 
 # Passes in the order of the data flow: prune -> quantize -> shard -> place -> kernels.
-# Pruning joins this list when it lands. quantize_pass runs first, with the calibration
-# statistics it may need; for tp/pp > 1, cut_pass and wire_pass shard it for this rank of the job.
+# prune_pass and quantize_pass run first, each with the calibration statistics it may need
+# (W8A8's are taken on the pruned model); for tp/pp > 1, cut_pass and wire_pass then shard
+# the result for this rank of the job.
 PASSES = (("place", place_pass), ("kernels", kernels_pass))
 
 
@@ -101,14 +105,37 @@ def check_plan_matches(model: nn.Module, p: Plan) -> None:
                             "re-plan here with hetero_llm.plan(model) or use device='cpu'.")
 
 
-def _calibrate(model: nn.Module, p: Plan, calibration_data: Any) -> dict | None:
+def planned_model(model: nn.Module, p: Plan) -> nn.Module:
+    """What the plan describes: the model itself, or (structured pruning) its pruned architecture."""
+    cfg = prune_config(p)
+    if cfg.method != "structured":
+        return model
+    spec = spec_by_family(p.family)
+    return pruned_view(model, spec, plan_shrink(model, spec, cfg))
+
+
+def _calibrate_pruning(model: nn.Module, p: Plan, calibration_data: Any, ctx) -> dict | None:
+    """Input norms for Wanda-style pruning, shared from rank 0 in a torchrun job."""
+    names = calibration_targets(model, p)
+    if not names:
+        return None
+    if calibration_data is None:
+        raise InvalidOptionError(
+            "this pruning ranks weights by their calibration activations (Wanda) and needs calibration_data: "
+            "a few tokenized text samples, e.g. [tokenizer(t, return_tensors='pt') for t in texts]. Or rank by "
+            "weights alone: prune='magnitude', or PruneConfig(method='structured', criterion='magnitude').")
+    return share_statistics(activation_stats(model, names, calibration_data, "sum_of_squares"), ctx)
+
+
+def _calibrate(model: nn.Module, p: Plan, calibration_data: Any, used: bool = False) -> dict | None:
     """Activation statistics for W8A8 smoothing/outliers; refuse data nothing would use."""
     names = calibrated_modules(p)
     if not names:
-        if calibration_data is not None:
+        if calibration_data is not None and not used:
             raise InvalidOptionError(
-                "calibration_data is only used by quantize='w8a8' with smooth_alpha > 0 or outlier_channels > 0; "
-                "this plan needs no calibration. Drop calibration_data (or ask for w8a8).")
+                "calibration_data is only used by quantize='w8a8' with smooth_alpha > 0 or outlier_channels > 0, "
+                "and by prune='wanda' or structured pruning; this plan needs no calibration. Drop "
+                "calibration_data (or ask for one of those).")
         return None
     if calibration_data is None:
         raise InvalidOptionError(
@@ -186,8 +213,13 @@ def accelerate(model: nn.Module, *, plan: Plan | None = None, hardware: Hardware
     ctx = None
     if chosen.parallel is not None:  # join the torchrun job before the first change; rank 0's plan wins
         ctx, chosen = join_job(chosen)
-    check_plan_matches(model, chosen)
+    check_plan_matches(planned_model(model, chosen), chosen)
     if checkpoint is not None:
+        if prune_config(chosen).method != "none":
+            raise InvalidOptionError(
+                "pruning ranks weights over the whole model, which a meta model read slice by slice never holds. "
+                "Prune the full model once, save it (model.save_pretrained, or hetero_llm.save), then shard that "
+                "checkpoint with accelerate(meta_model, tp=..., checkpoint=path).")
         if calibration_data is not None or calibrated_modules(chosen):
             raise InvalidOptionError(
                 "calibration (W8A8 smoothing or outlier channels) runs the whole model, which a meta model "
@@ -196,7 +228,9 @@ def accelerate(model: nn.Module, *, plan: Plan | None = None, hardware: Hardware
         replaced = _apply_sharded_from_checkpoint(model, chosen, ctx, checkpoint)
     else:
         check_quantizable(model, chosen)  # fail before the first change, not halfway
-        act_absmax = _calibrate(model, chosen, calibration_data)
+        prune_stats = _calibrate_pruning(model, chosen, calibration_data, ctx)
+        prune_pass(model, chosen, prune_stats)
+        act_absmax = _calibrate(model, chosen, calibration_data, used=prune_stats is not None)
         replaced = list(quantize_pass(model, chosen, act_absmax))
         if ctx is not None:
             replaced.extend(cut_pass(model, chosen, ctx))

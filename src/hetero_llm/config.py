@@ -206,18 +206,128 @@ class QuantConfig(_Config):
         return found
 
 
+_NM = re.compile(r"(\d+):(\d+)")
+
+
+def _fraction(option: str, value: Any, hi: float = 0.95) -> float:
+    """A share of weights or channels to remove: 0 <= value <= hi (removing all is never useful)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= hi:
+        raise InvalidOptionError(f"{option} must be a fraction in [0, {hi}] (the share removed); got {value!r}")
+    return float(value)
+
+
 @dataclass(frozen=True)
 class PruneConfig(_Config):
-    """Weight pruning. Only "none" is available in this version."""
+    """Weight pruning, applied before quantization.
+
+    method: "none"; "magnitude" (zero the smallest |w|); "wanda" (zero the smallest
+    |w| x ||x||, the input activation norm measured on calibration_data: keeps the weights
+    that meet large activations); "structured" (remove whole MLP channels and attention
+    KV-head groups, physically shrinking the model: the path that speeds up CPU decode).
+    The shortcut prune="2:4" (any "N:M") means magnitude pruning in that pattern.
+
+    magnitude / wanda:
+      sparsity: share of each pruned linear's weights set to zero (default 0.5).
+      pattern: "unstructured", or "N:M" (keep N of every M consecutive inputs; "2:4" runs on
+        the sparse tensor cores of GPUs with compute capability 8.0+ where the planner predicts
+        a win; elsewhere the zeros are stored dense).
+      scope: "layer" (every pruned linear reaches `sparsity`; wanda compares weights within
+        each output row, as its paper does) or "global" (one threshold over all of them).
+    structured:
+      mlp: share of each layer's MLP intermediate channels removed (default 0.25).
+      heads: share of each layer's KV-head groups removed (a group is one KV head with the
+        query heads that read it; rounded down to whole groups).
+      criterion: "wanda" (channel importance = activation norm x weight norm on calibration_data)
+        or "magnitude" (weight norms only, no data needed).
+    lm_head: also prune the output projection (default False: logits are the most sensitive).
+    Embeddings and norms are never pruned.
+    """
 
     method: str = "none"
+    sparsity: float = 0.5
+    pattern: str = "unstructured"
+    scope: str = "layer"
+    mlp: float = 0.25
+    heads: float = 0.0
+    criterion: str = "wanda"
+    lm_head: bool = False
     version: int = CONFIG_VERSION
 
-    METHODS = ("none",)
-    LATER = ("magnitude", "wanda", "2:4", "structured")
+    METHODS = ("none", "magnitude", "wanda", "structured")
+    SCOPES = ("layer", "global")
+    CRITERIA = ("wanda", "magnitude")
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "method", _choice("prune", self.method, self.METHODS, self.LATER))
+        method = self.method.strip().lower() if isinstance(self.method, str) else self.method
+        if isinstance(method, str) and _NM.fullmatch(method):  # prune="2:4"
+            if self.pattern not in ("unstructured", method):
+                raise InvalidOptionError(f"PruneConfig(method={self.method!r}) already names the pattern; "
+                                         f"drop pattern={self.pattern!r}.")
+            object.__setattr__(self, "pattern", method)
+            method = "magnitude"
+        object.__setattr__(self, "method", _choice("prune", method, self.METHODS))
+        object.__setattr__(self, "pattern", self._pattern(self.pattern))
+        object.__setattr__(self, "scope", _choice("PruneConfig.scope", self.scope, self.SCOPES))
+        object.__setattr__(self, "criterion", _choice("PruneConfig.criterion", self.criterion, self.CRITERIA))
+        object.__setattr__(self, "sparsity", _fraction("PruneConfig.sparsity", self.sparsity))
+        object.__setattr__(self, "mlp", _fraction("PruneConfig.mlp", self.mlp))
+        object.__setattr__(self, "heads", _fraction("PruneConfig.heads", self.heads))
+        _bool("PruneConfig.lm_head", self.lm_head)
+        if self.nm is not None:
+            self._check_nm()
+        self._check_relevant()
+
+    @staticmethod
+    def _pattern(value: Any) -> str:
+        if not isinstance(value, str):
+            raise InvalidOptionError(f"PruneConfig.pattern must be 'unstructured' or 'N:M' such as '2:4'; got {value!r}")
+        v = value.strip().lower()
+        if v == "unstructured" or _NM.fullmatch(v):
+            return v
+        raise InvalidOptionError(f"PruneConfig.pattern must be 'unstructured' or 'N:M' such as '2:4'; got {value!r}")
+
+    def _check_nm(self) -> None:
+        n, m = self.nm  # type: ignore[misc]
+        if not 0 < n < m or m > 64:
+            raise InvalidOptionError(f"pattern {self.pattern!r}: N:M keeps N of every M weights, 0 < N < M <= 64 "
+                                     "(e.g. '2:4' or '4:8').")
+        implied = 1.0 - n / m
+        if self.sparsity not in (0.5, implied):
+            raise InvalidOptionError(f"pattern {self.pattern!r} sets the sparsity to {implied:g}; drop "
+                                     f"sparsity={self.sparsity:g} (or use pattern='unstructured').")
+        if self.scope != "layer":
+            raise InvalidOptionError(f"pattern {self.pattern!r} prunes within each group of {m} inputs; "
+                                     "scope='global' applies to unstructured pruning only.")
+        object.__setattr__(self, "sparsity", implied)
+
+    def _check_relevant(self) -> None:
+        """Settings of another method are a mistake worth naming, not something to ignore."""
+        default = PruneConfig.__dataclass_fields__
+        unstructured = ("sparsity", "pattern", "scope")
+        structured = ("mlp", "heads", "criterion")
+        if self.method == "structured":
+            stray = [f for f in unstructured if getattr(self, f) != default[f].default]
+            if self.mlp == 0 and self.heads == 0:
+                raise InvalidOptionError("prune='structured' with mlp=0 and heads=0 removes nothing; "
+                                         "set PruneConfig(method='structured', mlp=0.25) or heads=.")
+        else:
+            stray = [f for f in structured if getattr(self, f) != default[f].default]
+            if self.method == "none":
+                stray += [f for f in unstructured + ("lm_head",) if getattr(self, f) != default[f].default]
+        if stray:
+            raise InvalidOptionError(f"PruneConfig.{stray[0]} does not apply to method={self.method!r}; "
+                                     f"{', '.join(unstructured)} go with 'magnitude'/'wanda', "
+                                     f"{', '.join(structured)} with 'structured'.")
+
+    @property
+    def nm(self) -> tuple[int, int] | None:
+        """(N, M) for an N:M pattern, else None."""
+        match = _NM.fullmatch(self.pattern)
+        return (int(match.group(1)), int(match.group(2))) if match else None
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.method == "wanda" or (self.method == "structured" and self.criterion == "wanda")
 
 
 @dataclass(frozen=True)

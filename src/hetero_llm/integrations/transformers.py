@@ -46,6 +46,10 @@ class ArchitectureSpec:
     # "heads", "kv_heads" or "width" (heads x head_dim). "config.X" overrides X in a per-module
     # view of the config, for attention code that reads the model config.
     tp_attention: dict[str, str] = field(default_factory=dict)
+    # Structured pruning: the config attributes holding the sizes it changes ("mlp": MLP width;
+    # "heads", "kv_heads", "head_dim": only where attention takes its head size from the config
+    # rather than hidden_size / heads, so removing heads keeps head_dim).
+    shrink_config: dict[str, str] = field(default_factory=dict)
     notes: str = ""
 
 
@@ -57,13 +61,15 @@ _LLAMA_BLOCK = {
 }
 _LLAMA_MODEL = {"embed": "model.embed_tokens", "final_norm": "model.norm", "lm_head": "lm_head"}
 _LLAMA_FUSIONS = (("qkv", ("q", "k", "v")), ("gate_up", ("gate", "up")))
+_LLAMA_SHRINK = {"mlp": "intermediate_size", "heads": "num_attention_heads",
+                 "kv_heads": "num_key_value_heads", "head_dim": "head_dim"}
 
 
 def _llama_like(family: str, model_types: tuple[str, ...], **kw) -> ArchitectureSpec:
     return ArchitectureSpec(family=family, model_types=model_types, layers="model.layers",
                             roles=dict(_LLAMA_BLOCK), model_roles=dict(_LLAMA_MODEL),
                             fusions=_LLAMA_FUSIONS, gated_mlp_act="act_fn",
-                            attention_style="rotary", **kw)
+                            attention_style="rotary", shrink_config=dict(_LLAMA_SHRINK), **kw)
 
 
 ARCHITECTURES: tuple[ArchitectureSpec, ...] = (
@@ -78,7 +84,8 @@ ARCHITECTURES: tuple[ArchitectureSpec, ...] = (
                "mlp": "mlp", "gate_up": "mlp.gate_up_proj", "down": "mlp.down_proj",
                "attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm"},
         model_roles=dict(_LLAMA_MODEL), notes="q/k/v and gate/up are already fused in the checkpoint",
-        tp_attention={"num_key_value_heads": "kv_heads", "config.num_attention_heads": "heads"}),
+        tp_attention={"num_key_value_heads": "kv_heads", "config.num_attention_heads": "heads"},
+        shrink_config=dict(_LLAMA_SHRINK)),
     ArchitectureSpec(
         family="gpt2", model_types=("gpt2",), layers="transformer.h",
         roles={"attention": "attn", "qkv": "attn.c_attn", "o": "attn.c_proj", "mlp": "mlp",
@@ -86,7 +93,8 @@ ARCHITECTURES: tuple[ArchitectureSpec, ...] = (
         model_roles={"embed": "transformer.wte", "pos_embed": "transformer.wpe",
                      "final_norm": "transformer.ln_f", "lm_head": "lm_head"},
         norm_style="layer", linear_kind="conv1d", notes="Conv1D layers store weights as (in, out)",
-        tp_attention={"num_heads": "heads", "split_size": "width", "embed_dim": "width"}),
+        tp_attention={"num_heads": "heads", "split_size": "width", "embed_dim": "width"},
+        shrink_config={"mlp": "n_inner"}),
     ArchitectureSpec(
         family="opt", model_types=("opt",), layers="model.decoder.layers",
         roles={"attention": "self_attn", "q": "self_attn.q_proj", "k": "self_attn.k_proj",
@@ -95,7 +103,7 @@ ARCHITECTURES: tuple[ArchitectureSpec, ...] = (
         model_roles={"embed": "model.decoder.embed_tokens", "pos_embed": "model.decoder.embed_positions",
                      "final_norm": "model.decoder.final_layer_norm", "lm_head": "lm_head"},
         norm_style="layer", fusions=(("qkv", ("q", "k", "v")),),
-        tp_attention={"num_heads": "heads", "embed_dim": "width"}),
+        tp_attention={"num_heads": "heads", "embed_dim": "width"}, shrink_config={"mlp": "ffn_dim"}),
 )
 
 _BY_MODEL_TYPE = {mt: spec for spec in ARCHITECTURES for mt in spec.model_types}

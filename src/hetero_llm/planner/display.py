@@ -8,7 +8,7 @@ if TYPE_CHECKING:
     from .plan import Plan
 
 _INDEX = re.compile(r"\.(\d+)\.")
-COLUMNS = ("module", "type", "role", "action", "kernel", "quant", "shard", "decode µs", "reason")
+COLUMNS = ("module", "type", "role", "action", "kernel", "quant", "prune", "shard", "decode µs", "reason")
 
 
 def _ranges(indices: list[int]) -> str:
@@ -33,17 +33,17 @@ def plan_rows(plan: "Plan", full: bool = False) -> list[dict[str, str]]:
     for e in plan.entries:
         m = None if full else _INDEX.search(e.name)
         pattern = _INDEX.sub(".{i}.", e.name, count=1) if m else e.name
-        key = (pattern, e.module_type, e.role, e.action, e.kernel, e.quant, e.shard, e.reason,
+        key = (pattern, e.module_type, e.role, e.action, e.kernel, e.quant, e.prune, e.shard, e.reason,
                round(e.decode_us_before, 1), round(e.decode_us_after, 1))
         groups.setdefault(key, []).append(int(m.group(1)) if m else None)
     rows = []
     for key, idx in groups.items():
-        pattern, mtype, role, action, kernel, quant, shard, reason, before, after = key
+        pattern, mtype, role, action, kernel, quant, prune, shard, reason, before, after = key
         name = pattern.replace("{i}", "{" + _ranges([i for i in idx if i is not None]) + "}")
         count = f" ×{len(idx)}" if len(idx) > 1 else ""
         timing = f"{before:g} → {after:g}{count}" if (before or after) else ""
-        rows.append(dict(zip(COLUMNS, (name, mtype, role, action, kernel, quant or "-", shard or "-", timing,
-                                       reason))))
+        rows.append(dict(zip(COLUMNS, (name, mtype, role, action, kernel, quant or "-", prune or "-",
+                                       shard or "-", timing, reason))))
     return rows
 
 

@@ -5,7 +5,7 @@ from dataclasses import replace
 
 from torch import nn
 
-from ..config import Options
+from ..config import Options, PruneConfig
 from ..errors import HardwareError
 from ..hardware import Hardware
 from ..integrations.transformers import (map_roles, model_type_of, require_spec,
@@ -23,6 +23,8 @@ from .parallel import check_parallel, plan_parallel
 from .placement import split_for_budget
 from .predict import DTYPE_BYTES, predict, quant_bytes
 from .profile import ModuleProfile, profile_model
+from .pruning import mark_pruning
+from ..prune.structured import plan_shrink, pruned_view
 
 
 def choose_device(requested: str, hardware: Hardware) -> str:
@@ -229,13 +231,22 @@ def _plan_device(model: nn.Module, spec, role_map, profiles: list[ModuleProfile]
 
 
 def make_plan(model: nn.Module, hardware: Hardware, options: Options, *, strict: bool = True) -> Plan:
-    """Decide, per module, what accelerate() will do; the model is not changed."""
+    """Decide, per module, what accelerate() will do; the model is not changed.
+
+    With structured pruning the plan is made for the pruned architecture (a meta-device copy
+    with the smaller config), so entries, sizes and predictions describe the model as it will be.
+    """
     spec = require_spec(model) if strict else spec_for(model)
+    shrink, original = None, model
+    if options.prune.method == "structured":
+        shrink = plan_shrink(model, spec, options.prune)
+        model = pruned_view(model, spec, shrink)
     role_map = map_roles(model, spec) if spec is not None else None
     profiles = profile_model(model, role_map.roles if role_map else None)
     device = choose_device(options.placement.device, hardware)
     tied = _tied(model)
     entries, fusions, cm, backend = _plan_device(model, spec, role_map, profiles, tied, hardware, options, device)
+    prune_notes = mark_pruning(entries, profiles, options.prune, tied, shrink)
     dtype = next((p.dtype for p in profiles if p.kind == "linear"), "float32")
     kv_bytes, hidden = _kv_bytes_per_token(model, DTYPE_BYTES.get(dtype, 4))
     notes = []
@@ -245,7 +256,10 @@ def make_plan(model: nn.Module, hardware: Hardware, options: Options, *, strict:
     if role_map and role_map.missing:
         notes.append(f"{len(role_map.missing)} table entries not found in this model "
                      f"(first: {role_map.missing[0]})")
+    notes.extend(prune_notes)
     prediction = predict(entries, profiles, tied, cm, options.workload.prompt_len, hidden)
+    if shrink is not None:  # "before" is the model as given, not the pruned one
+        prediction = _before_pruning(original, hardware, options, strict, prediction)
     ordered, device_map, offload, parallel = list(entries.values()), {}, (), None
     if options.placement.tp * options.placement.pp > 1:
         check_parallel(spec)
@@ -255,7 +269,9 @@ def make_plan(model: nn.Module, hardware: Hardware, options: Options, *, strict:
         notes.extend(par_notes)
     elif device == "cuda":
         def cpu_plan():
-            return _plan_device(model, spec, role_map, profiles, tied, hardware, options, "cpu")
+            planned = _plan_device(model, spec, role_map, profiles, tied, hardware, options, "cpu")
+            mark_pruning(planned[0], profiles, options.prune, tied, shrink)
+            return planned
         placed = split_for_budget(spec, profiles, tied, hardware, options, entries, fusions, cm,
                                   kv_bytes, hidden, prediction, cpu_plan)
         if placed is not None:
@@ -275,3 +291,11 @@ def make_plan(model: nn.Module, hardware: Hardware, options: Options, *, strict:
                 fusions=tuple(fusions), model_settings=settings,
                 prediction=prediction, notes=tuple(notes), device_map=device_map, offload=offload,
                 parallel=parallel)
+
+
+def _before_pruning(model: nn.Module, hardware: Hardware, options: Options, strict: bool, prediction):
+    """The prediction's "before" figures for the unpruned model in one process."""
+    unpruned = replace(options, prune=PruneConfig(), placement=replace(options.placement, tp=1, pp=1))
+    before = make_plan(model, hardware, unpruned, strict=strict).prediction
+    return replace(prediction, decode_ms_before=before.decode_ms_before, weight_mb_before=before.weight_mb_before,
+                   prefill_ms_before=before.prefill_ms_before)

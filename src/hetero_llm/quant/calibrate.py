@@ -57,17 +57,31 @@ def calibration_batches(data: Any) -> list[dict[str, torch.Tensor]]:
     return batches
 
 
+def _absmax(x: torch.Tensor) -> torch.Tensor:
+    return x.abs().amax(dim=0).float()
+
+
+def _sum_of_squares(x: torch.Tensor) -> torch.Tensor:
+    return x.float().pow(2).sum(dim=0)
+
+
+# How each statistic folds one batch of inputs (tokens, channels) into the running value.
+STATISTICS = {"absmax": (_absmax, torch.maximum), "sum_of_squares": (_sum_of_squares, torch.add)}
+
+
 @torch.inference_mode()
-def activation_absmax(model: nn.Module, names: list[str], data: Any, *,
-                      progress: bool = True) -> dict[str, torch.Tensor]:
-    """max |x| per input channel (fp32, on CPU) seen by each named module over the samples."""
+def activation_stats(model: nn.Module, names: list[str], data: Any, statistic: str, *,
+                     progress: bool = True) -> dict[str, torch.Tensor]:
+    """A per-input-channel statistic (fp32, on CPU) of what each named module reads over the samples:
+    "absmax" (max |x|, for SmoothQuant) or "sum_of_squares" (sum of x^2, whose root is Wanda's ||x||)."""
+    reduce_batch, combine = STATISTICS[statistic]
     stats: dict[str, torch.Tensor] = {}
 
     def hook_for(name: str):
         def record(_module, args):
             x = args[0].detach()
-            m = x.reshape(-1, x.shape[-1]).abs().amax(dim=0).float().cpu()
-            stats[name] = m if name not in stats else torch.maximum(stats[name], m)
+            m = reduce_batch(x.reshape(-1, x.shape[-1])).cpu()
+            stats[name] = m if name not in stats else combine(stats[name], m)
         return record
 
     handles = [model.get_submodule(n).register_forward_pre_hook(hook_for(n)) for n in names]
@@ -83,6 +97,12 @@ def activation_absmax(model: nn.Module, names: list[str], data: Any, *,
         raise InvalidOptionError(f"calibration never reached {missing[0]} ({len(missing)} modules in all); "
                                  "the samples must run through the whole model.")
     return stats
+
+
+def activation_absmax(model: nn.Module, names: list[str], data: Any, *,
+                      progress: bool = True) -> dict[str, torch.Tensor]:
+    """max |x| per input channel (fp32, on CPU) seen by each named module over the samples."""
+    return activation_stats(model, names, data, "absmax", progress=progress)
 
 
 def smoothing_factors(act_absmax: torch.Tensor, weight_absmax: torch.Tensor, alpha: float) -> torch.Tensor:

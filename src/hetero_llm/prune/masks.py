@@ -1,0 +1,68 @@
+"""Which weights to zero: scores (magnitude, Wanda) and the masks that keep the best of them.
+
+A mask is a bool tensor shaped like the (out, in) weight, True where the weight stays.
+Scores are fp32; ties are broken by position (topk), so a mask is the same on every run.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..errors import InvalidOptionError
+
+
+def magnitude_scores(weight: torch.Tensor) -> torch.Tensor:
+    return weight.detach().abs().float()
+
+
+def wanda_scores(weight: torch.Tensor, input_sum_of_squares: torch.Tensor) -> torch.Tensor:
+    """|W_ij| * ||x_j||: a weight matters when it is large or meets large activations (Wanda,
+    Sun et al. 2023). The activation norm comes from calibration data."""
+    norm = input_sum_of_squares.to(device=weight.device, dtype=torch.float32).sqrt()
+    return weight.detach().abs().float() * norm.unsqueeze(0)
+
+
+def _drop_smallest(scores: torch.Tensor, count: int, dim: int | None) -> torch.Tensor:
+    keep = torch.ones_like(scores, dtype=torch.bool)
+    if count <= 0:
+        return keep
+    if dim is None:
+        flat = keep.view(-1)
+        flat[torch.topk(scores.reshape(-1), count, largest=False, sorted=False).indices] = False
+        return keep
+    return keep.scatter_(dim, torch.topk(scores, count, dim=dim, largest=False, sorted=False).indices, False)
+
+
+def layer_mask(scores: torch.Tensor, sparsity: float, per_row: bool) -> torch.Tensor:
+    """Keep the largest (1 - sparsity) of the scores, over the whole layer or within each output row."""
+    if per_row:
+        return _drop_smallest(scores, int(round(sparsity * scores.shape[1])), dim=1)
+    return _drop_smallest(scores, int(round(sparsity * scores.numel())), dim=None)
+
+
+def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Keep the n largest of every m consecutive inputs of each row (N:M semi-structured)."""
+    rows, cols = scores.shape
+    if cols % m:
+        raise InvalidOptionError(f"an {n}:{m} pattern needs the input size to be a multiple of {m}; this layer "
+                                 f"has {cols} inputs. Use pattern='unstructured' or exclude the layer.")
+    groups = scores.reshape(rows, cols // m, m)
+    keep = torch.zeros_like(groups, dtype=torch.bool)
+    keep.scatter_(2, torch.topk(groups, n, dim=2, sorted=False).indices, True)
+    return keep.reshape(rows, cols)
+
+
+def global_threshold(score_fns: list, total: int, sparsity: float, iterations: int = 48) -> float:
+    """The score below which `sparsity` of all `total` weights fall, by bisection on counts.
+
+    `score_fns` yields each layer's scores on demand, so no concatenation of every score in the
+    model is ever held (that would be 4 bytes per weight).
+    """
+    target = sparsity * total
+    lo, hi = 0.0, max(float(fn().max()) for fn in score_fns)
+    for _ in range(iterations):
+        mid = (lo + hi) / 2
+        below = sum(int((fn() < mid).sum()) for fn in score_fns)
+        lo, hi = (mid, hi) if below < target else (lo, mid)
+        if hi - lo <= 1e-12 * max(hi, 1e-30):
+            break
+    return hi

@@ -1,0 +1,75 @@
+"""What pruning achieved, per layer: the share of zero weights and the sizes left."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from ..quant.modules import is_linear, linear_weight
+
+
+@dataclass(frozen=True)
+class LayerSparsity:
+    name: str
+    shape: tuple[int, int]  # (out, in) after pruning
+    zeros: float  # share of the weights that are exactly zero (INT8: equal to the zero point)
+
+
+@dataclass(frozen=True)
+class PruneReport:
+    """Per-linear sparsity of a model, and the totals. `str(report)` is a table."""
+
+    method: str
+    layers: tuple[LayerSparsity, ...]
+    params_before: int
+    params_after: int
+
+    @property
+    def sparsity(self) -> float:
+        """Share of zero weights over the reported linears."""
+        total = sum(a * b for a, b in (r.shape for r in self.layers))
+        return sum(r.zeros * a * b for r, (a, b) in ((r, r.shape) for r in self.layers)) / max(total, 1)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def table(self) -> str:
+        lines = [f"pruning: {self.method} · linear weights {self.params_before:,} → {self.params_after:,} "
+                 f"· zeros {100 * self.sparsity:.1f}%", f"{'module':<44} {'shape':>13} {'zeros':>7}"]
+        lines += [f"{r.name:<44} {f'{r.shape[0]}x{r.shape[1]}':>13} {100 * r.zeros:6.1f}%" for r in self.layers]
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def _zero_share(module: nn.Module) -> tuple[tuple[int, int], float]:
+    q = getattr(module, "qweight", None)
+    if isinstance(q, torch.Tensor) and q.dim() == 2:
+        zp = getattr(module, "zero_point", None)
+        if isinstance(zp, torch.Tensor) and zp.numel():
+            # per-channel (out,) or per-group (out, groups) zero points: expand to the weight's shape
+            zp = zp.reshape(q.shape[0], -1).repeat_interleave(q.shape[1] // zp.reshape(q.shape[0], -1).shape[1], 1)
+            zeros = (q == zp.to(q.dtype)).float().mean()
+        else:
+            zeros = (q == 0).float().mean()
+        return tuple(q.shape), float(zeros)
+    w = linear_weight(module)
+    return tuple(w.shape), float((w == 0).float().mean())
+
+
+def sparsity_report(model: nn.Module, names: list[str] | None = None, *, method: str = "",
+                    params_before: int | None = None) -> PruneReport:
+    """Zeros per linear layer of `model` (float or INT8), for `names` or every linear."""
+    if names is None:
+        names = [n for n, m in model.named_modules() if is_linear(m) or hasattr(m, "qweight")]
+    rows = []
+    for name in names:
+        m = model.get_submodule(name)
+        if not (is_linear(m) or isinstance(getattr(m, "qweight", None), torch.Tensor)):
+            continue
+        shape, zeros = _zero_share(m)
+        rows.append(LayerSparsity(name, shape, zeros))
+    after = sum(a * b for a, b in (r.shape for r in rows))
+    return PruneReport(method, tuple(rows), params_before if params_before is not None else after, after)
