@@ -17,17 +17,20 @@ from .parallel.checkpoint import load_shard
 from .parallel.shard import cut_pass, join_job, local_plan, stat_reducer, wire_pass
 from .planner import Plan, make_plan
 from .planner.profile import profile_model
-from .prune.apply import calibration_targets, prune_config, prune_pass, share_statistics
+from .prune.apply import prune_config, prune_pass
 from .prune.structured import plan_shrink, pruned_view
+from .prune.semi_sparse import semi_sparse_pass
 from .quant.apply import calibrated_modules, check_quantizable, quantize_pass
 from .integrations.transformers import spec_by_family
-from .quant.calibrate import activation_absmax, activation_stats
+from .quant.calibrate import activation_absmax
 
 # Passes in the order of the data flow: prune -> quantize -> shard -> place -> kernels.
 # prune_pass and quantize_pass run first, each with the calibration statistics it may need
 # (W8A8's are taken on the pruned model); for tp/pp > 1, cut_pass and wire_pass then shard
 # the result for this rank of the job.
-PASSES = (("place", place_pass), ("kernels", kernels_pass))
+# "sparse" (2:4 weights the plan puts on sparse tensor cores) comes last: it needs the weights on
+# their GPU, and after "kernels" has concatenated q/k/v and gate/up, whose fused weight it converts.
+PASSES = (("place", place_pass), ("kernels", kernels_pass), ("sparse", semi_sparse_pass))
 
 
 def _check_model(model: Any) -> None:
@@ -114,17 +117,15 @@ def planned_model(model: nn.Module, p: Plan) -> nn.Module:
     return pruned_view(model, spec, plan_shrink(model, spec, cfg))
 
 
-def _calibrate_pruning(model: nn.Module, p: Plan, calibration_data: Any, ctx) -> dict | None:
-    """Input norms for Wanda-style pruning, shared from rank 0 in a torchrun job."""
-    names = calibration_targets(model, p)
-    if not names:
-        return None
-    if calibration_data is None:
+def _check_pruning_data(p: Plan, calibration_data: Any) -> bool:
+    """Whether pruning will use calibration_data; refuse to start without data it needs."""
+    cfg = prune_config(p)
+    if cfg.needs_calibration and calibration_data is None:
         raise InvalidOptionError(
             "this pruning ranks weights by their calibration activations (Wanda) and needs calibration_data: "
             "a few tokenized text samples, e.g. [tokenizer(t, return_tensors='pt') for t in texts]. Or rank by "
             "weights alone: prune='magnitude', or PruneConfig(method='structured', criterion='magnitude').")
-    return share_statistics(activation_stats(model, names, calibration_data, "sum_of_squares"), ctx)
+    return cfg.needs_calibration
 
 
 def _calibrate(model: nn.Module, p: Plan, calibration_data: Any, used: bool = False) -> dict | None:
@@ -228,9 +229,9 @@ def accelerate(model: nn.Module, *, plan: Plan | None = None, hardware: Hardware
         replaced = _apply_sharded_from_checkpoint(model, chosen, ctx, checkpoint)
     else:
         check_quantizable(model, chosen)  # fail before the first change, not halfway
-        prune_stats = _calibrate_pruning(model, chosen, calibration_data, ctx)
-        prune_pass(model, chosen, prune_stats)
-        act_absmax = _calibrate(model, chosen, calibration_data, used=prune_stats is not None)
+        pruning_uses_data = _check_pruning_data(chosen, calibration_data)
+        prune_pass(model, chosen, calibration_data, ctx)
+        act_absmax = _calibrate(model, chosen, calibration_data, used=pruning_uses_data)
         replaced = list(quantize_pass(model, chosen, act_absmax))
         if ctx is not None:
             replaced.extend(cut_pass(model, chosen, ctx))

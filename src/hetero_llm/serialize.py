@@ -10,7 +10,9 @@ A saved directory holds
 load() builds the architecture with empty weights (accelerate's
 init_empty_weights), replays the plan's module swaps without quantizing
 anything, and assigns the saved tensors: no calibration, no pickle, and the
-logits are bit-identical to the saved model's.
+logits are bit-identical to the saved model's. 2:4 weights on sparse tensor
+cores (torch SparseSemiStructuredTensor) are written dense, so the file stays
+plain safetensors, and converted again after placement on load.
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ from torch import nn
 from ._version import __version__
 from .errors import DistributedError, HardwareError, HeteroLLMError, ModelLoadError, PlanMismatchError
 from .planner.plan import Plan
+from .prune.semi_sparse import dense_weight, semi_sparse_pass
 
 FORMAT = "hetero_llm"
 FORMAT_VERSION = 1
@@ -49,6 +52,7 @@ def _unique_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str
     seen: dict[tuple, str] = {}
     aliases: dict[str, str] = {}
     for name, t in model.state_dict(keep_vars=False).items():
+        t = dense_weight(t)  # a 2:4 sparse tensor has no storage of its own to key or write
         key = (t.device.type, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
         if t.numel() and key in seen:
             aliases[name] = seen[key]  # tied tensors (e.g. a float lm_head tied to its embedding)
@@ -215,6 +219,7 @@ def load(path: str | os.PathLike) -> nn.Module:
         raise ModelLoadError(f"{leftover[0]} (and {len(leftover) - 1} more) got no data from the file.")
     from .parallel.placement import place_pass
     place_pass(model, plan)
+    model.hetero_replaced = list(model.hetero_replaced) + semi_sparse_pass(model, plan)  # after placement
     model.eval()
     model.hetero_plan = plan
     return model

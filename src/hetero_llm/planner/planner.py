@@ -246,7 +246,8 @@ def make_plan(model: nn.Module, hardware: Hardware, options: Options, *, strict:
     device = choose_device(options.placement.device, hardware)
     tied = _tied(model)
     entries, fusions, cm, backend = _plan_device(model, spec, role_map, profiles, tied, hardware, options, device)
-    prune_notes = mark_pruning(entries, profiles, options.prune, tied, shrink)
+    prune_notes = mark_pruning(entries, profiles, options.prune, tied, shrink, hardware=hardware, cm=cm,
+                               tp=options.placement.tp)
     dtype = next((p.dtype for p in profiles if p.kind == "linear"), "float32")
     kv_bytes, hidden = _kv_bytes_per_token(model, DTYPE_BYTES.get(dtype, 4))
     notes = []

@@ -1,9 +1,14 @@
 """The prune pass: the first pass of the data flow. Reads the plan, changes the model in place.
 
-Masks (magnitude, Wanda, N:M) zero weights in the float model, so quantization that follows
-stores exact zeros. Structured pruning removes channels and heads and updates the config.
+Masks (magnitude, Wanda, N:M) zero weights in the float model, so the quantization that follows
+stores exact zeros. Structured pruning removes channels and KV groups and updates the config.
+Wanda-style ranking measures each decoder layer on the outputs of the already-pruned layers
+before it (prune/sequential.py); a global threshold needs every score at once, so scope="global"
+measures the dense model in one pass instead.
 """
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 from torch import nn
@@ -12,10 +17,12 @@ from ..config import PruneConfig
 from ..errors import InvalidOptionError
 from ..integrations.transformers import spec_by_family
 from ..planner.plan import Plan
+from ..quant.calibrate import activation_stats
 from ..quant.modules import linear_weight
 from .masks import global_threshold, layer_mask, magnitude_scores, nm_mask, wanda_scores
 from .report import PruneReport, sparsity_report
-from .structured import out_projections, plan_shrink, shrink_model
+from .sequential import prune_layer_by_layer
+from .structured import out_projections, plan_shrink, shrink_layer, update_config
 
 
 def prune_config(plan: Plan) -> PruneConfig:
@@ -25,17 +32,6 @@ def prune_config(plan: Plan) -> PruneConfig:
 def mask_targets(plan: Plan) -> list[str]:
     """The linears the plan masks (magnitude / wanda)."""
     return [e.name for e in plan.entries if e.prune and not e.prune.startswith("structured")]
-
-
-def calibration_targets(model: nn.Module, plan: Plan) -> list[str]:
-    """Modules whose input norms pruning needs (empty: no calibration)."""
-    cfg = prune_config(plan)
-    if not cfg.needs_calibration:
-        return []
-    if cfg.method == "structured":
-        spec = spec_by_family(plan.family)
-        return out_projections(model, spec, plan_shrink(model, spec, cfg))
-    return mask_targets(plan)
 
 
 def _scores(module: nn.Module, cfg: PruneConfig, stats: dict, name: str) -> torch.Tensor:
@@ -49,7 +45,7 @@ def _scores(module: nn.Module, cfg: PruneConfig, stats: dict, name: str) -> torc
 def _apply_masks(model: nn.Module, names: list[str], cfg: PruneConfig, stats: dict) -> None:
     modules = {n: model.get_submodule(n) for n in names}
     threshold = None
-    if cfg.scope == "global":
+    if cfg.scope == "global" and modules:
         fns = [lambda n=n, m=m: _scores(m, cfg, stats, n) for n, m in modules.items()]
         total = sum(linear_weight(m).numel() for m in modules.values())
         threshold = global_threshold(fns, total, cfg.sparsity)
@@ -74,24 +70,59 @@ def share_statistics(stats: dict, ctx) -> dict:
     return {n: ctx.broadcast(t.to(device), 0).cpu() for n, t in sorted(stats.items())}
 
 
-def prune_pass(model: nn.Module, plan: Plan, stats: dict | None = None) -> PruneReport | None:
+def _in_layer(names: list[str], layers_path: str, index: int) -> list[str]:
+    prefix = f"{layers_path}.{index}."
+    return [n for n in names if n.startswith(prefix)]
+
+
+def _structured(model: nn.Module, plan: Plan, cfg: PruneConfig, data: Any, ctx) -> None:
+    spec = spec_by_family(plan.family)
+    shrink = plan_shrink(model, spec, cfg)
+    layers = model.get_submodule(spec.layers)
+    if cfg.criterion == "wanda":
+        prune_layer_by_layer(model, layers, lambda i: out_projections(spec, shrink, i), data,
+                             lambda i, stats: shrink_layer(model, spec, i, shrink, share_statistics(stats, ctx)))
+    else:
+        for i in range(len(layers)):
+            shrink_layer(model, spec, i, shrink, {})
+    update_config(model, spec, shrink)
+
+
+def _masks(model: nn.Module, plan: Plan, cfg: PruneConfig, data: Any, ctx) -> None:
+    targets = mask_targets(plan)
+    spec = spec_by_family(plan.family)
+    if cfg.method != "wanda":
+        _apply_masks(model, targets, cfg, {})
+        return
+    rest = targets
+    if spec is not None and cfg.scope == "layer":
+        layers = model.get_submodule(spec.layers)
+        prune_layer_by_layer(model, layers, lambda i: _in_layer(targets, spec.layers, i), data,
+                             lambda i, stats: _apply_masks(model, _in_layer(targets, spec.layers, i), cfg,
+                                                           share_statistics(stats, ctx)))
+        rest = [n for n in targets if not n.startswith(spec.layers + ".")]
+    if rest:  # global scope, an unknown architecture, or the lm_head: measured in one pass
+        stats = share_statistics(activation_stats(model, rest, data, "sum_of_squares"), ctx)
+        _apply_masks(model, rest, cfg, stats)
+
+
+def prune_pass(model: nn.Module, plan: Plan, calibration_data: Any = None, ctx=None) -> PruneReport | None:
     """Apply the plan's pruning in place; returns (and attaches as `model.hetero_prune`) the
-    per-layer report. Modules keep their types: nothing is swapped."""
+    per-layer report. Modules keep their types: nothing is swapped. `ctx`: the torchrun job,
+    whose ranks all prune with rank 0's calibration statistics."""
     cfg = prune_config(plan)
     if cfg.method == "none":
         return None
-    stats = stats or {}
-    if cfg.needs_calibration and not stats:
-        raise InvalidOptionError("this pruning ranks weights by calibration activations and got none; "
+    if cfg.needs_calibration and calibration_data is None:
+        raise InvalidOptionError("this pruning ranks weights by calibration activations (Wanda) and got none; "
                                  "pass calibration_data.")
     pruned = {e.name for e in plan.entries if e.prune}
     names = [n for n, _ in model.named_modules() if n in pruned]
     before = sum(linear_weight(model.get_submodule(n)).numel() for n in names)
     if cfg.method == "structured":
-        spec = spec_by_family(plan.family)
-        shrink_model(model, spec, plan_shrink(model, spec, cfg), stats)
+        _structured(model, plan, cfg, calibration_data, ctx)
     else:
-        _apply_masks(model, mask_targets(plan), cfg, stats)
+        _masks(model, plan, cfg, calibration_data, ctx)
     model.hetero_prune = sparsity_report(model, names, method=describe(cfg), params_before=before)
     return model.hetero_prune
 

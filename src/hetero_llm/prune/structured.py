@@ -210,28 +210,28 @@ def _shrink_attention(model: nn.Module, spec: ArchitectureSpec, i: int, shrink: 
     return prefix + spec.roles["attention"]
 
 
-def out_projections(model: nn.Module, spec: ArchitectureSpec, shrink: Shrink) -> list[str]:
-    """Modules whose input statistics rank the channels (for criterion='wanda')."""
-    n = len(model.get_submodule(spec.layers))
+def out_projections(spec: ArchitectureSpec, shrink: Shrink, index: int) -> list[str]:
+    """Layer `index`'s modules whose input statistics rank its channels (criterion='wanda')."""
     roles = ["down" if "down" in spec.roles else "fc_out"] + (["o"] if shrink.changes_attention else [])
-    return [f"{spec.layers}.{i}.{spec.roles[r]}" for i in range(n) for r in roles]
+    return [f"{spec.layers}.{index}.{spec.roles[r]}" for r in roles]
 
 
-@torch.no_grad()
-def shrink_model(model: nn.Module, spec: ArchitectureSpec, shrink: Shrink, stats: dict) -> list[str]:
-    """Remove the least important channels and groups of every layer, in place, and update the
-    config. `stats`: sum of squared inputs per channel of the output projections, or {} for
-    weight norms only. Returns the pruned modules' names."""
+def shrink_layer(model: nn.Module, spec: ArchitectureSpec, index: int, shrink: Shrink, stats: dict) -> list[str]:
+    """Remove layer `index`'s least important channels and groups, in place. `stats`: sum of
+    squared inputs per channel of its output projections, or {} for weight norms only."""
     pruned = []
-    for i in range(len(model.get_submodule(spec.layers))):
+    with torch.no_grad():
         if shrink.mlp[1] != shrink.mlp[0]:
-            pruned.append(_shrink_mlp(model, spec, i, shrink, stats))
+            pruned.append(_shrink_mlp(model, spec, index, shrink, stats))
         if shrink.changes_attention:
-            pruned.append(_shrink_attention(model, spec, i, shrink, stats))
-    # A new config object, swapped in wherever the model holds the old one: the caller's config may be
-    # shared with other models (built from the same object), which must not change.
+            pruned.append(_shrink_attention(model, spec, index, shrink, stats))
+    return pruned
+
+
+def update_config(model: nn.Module, spec: ArchitectureSpec, shrink: Shrink) -> None:
+    """Give the model a config with the pruned sizes, swapped in wherever the model holds the old
+    one: the caller's config object may be shared with other models, which must not change."""
     old, new = model.config, shrunk_config(model.config, spec, shrink)
     for m in model.modules():
         if getattr(m, "config", None) is old:
             m.config = new
-    return pruned
