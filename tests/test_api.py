@@ -13,7 +13,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 import hetero_llm
 from hetero_llm import (AlreadyAcceleratedError, ForeignQuantizationError, HardwareError, HeteroLLMError,
                         HeteroLLMWarning, InvalidOptionError, KernelConfig, MetaDeviceError,
-                        NonFiniteWeightError, NotAModelError, Plan, PlanMismatchError, QuantConfig)
+                        NonFiniteWeightError, NotAModelError, Plan, PlanMismatchError, PruneConfig, QuantConfig)
 from hetero_llm.kernels.modules import RMSNorm, RotaryAttention
 from hetero_llm.quant import Int8Linear
 
@@ -245,7 +245,7 @@ def test_eval_mode_does_not_warn():
         hetero_llm.accelerate(model)
 
 
-def test_calibration_data_is_not_available_yet():
+def test_calibration_data_that_nothing_uses_is_refused():
     model = tiny()
     with pytest.raises(InvalidOptionError, match="calibration_data"):
         hetero_llm.accelerate(model, calibration_data=[ids()])
@@ -256,8 +256,12 @@ def test_calibration_data_is_not_available_yet():
     (dict(quantize="w8a8", outlier_channels=4), "known options"),
     (dict(quantize="int4"), "not available"),
     (dict(kernels="cuda"), "choose one of"),
-    (dict(prune="2:4"), "not available"),
-    (dict(prune="magnitude"), "not available"),
+    (dict(prune="wnada"), "Did you mean 'wanda'"),
+    (dict(prune="3:2"), "0 < N < M"),
+    (dict(prune="1:1"), "0 < N < M"),
+    (dict(prune=0.5), "PruneConfig"),
+    (dict(prune=PruneConfig(method="structured", heads=0.25, criterion="magnitude")), "rounds to none"),
+    (dict(prune=KernelConfig()), "PruneConfig"),
     (dict(tp=0), "positive integer"),
     (dict(pp=2, micro_batches=-1), "micro_batches"),
     (dict(tp=2, timeout_s=0), "timeout_s"),

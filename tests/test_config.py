@@ -108,9 +108,9 @@ def test_from_dict_validates_values():
     (lambda: QuantConfig(scheme=8), "must be a string"),
     (lambda: QuantConfig(lm_head="yes"), "lm_head"),
     (lambda: QuantConfig(lm_head=1), "lm_head"),
-    (lambda: PruneConfig(method="2:4"), "not available"),
-    (lambda: PruneConfig(method="wanda"), "not available"),
     (lambda: PruneConfig(method="sparse"), "choose one of"),
+    (lambda: PruneConfig(method="wnada"), "Did you mean 'wanda'"),
+    (lambda: PruneConfig(method="wanda", sparsity=1.0), "fraction"),
     (lambda: KernelConfig(backend="cuda"), "choose one of"),
     (lambda: KernelConfig(backend="tourch"), "Did you mean 'torch'"),
     (lambda: PlacementConfig(device="tpu"), "choose one of"),
@@ -188,3 +188,98 @@ def test_placement_options_normalize_and_round_trip():
     assert dict(o.placement.device_map) == {"lm_head": "cuda:0", "model.layers.3": "offload"}
     hash(o)
     assert Options.from_dict(json.loads(json.dumps(o.to_dict()))) == o
+
+
+# -- PruneConfig --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("config", [
+    PruneConfig(),
+    PruneConfig(method="magnitude"),
+    PruneConfig(method="magnitude", sparsity=0.7, scope="global", lm_head=True),
+    PruneConfig(method="wanda", sparsity=0.6),
+    PruneConfig(method="wanda", pattern="4:8"),
+    PruneConfig(method="2:4"),
+    PruneConfig(method="1:4"),
+    PruneConfig(method="structured"),
+    PruneConfig(method="structured", mlp=0.5, heads=0.25, criterion="magnitude"),
+    PruneConfig(method="structured", mlp=0.0, heads=0.5),
+])
+def test_prune_config_dict_round_trip(config):
+    d = config.to_dict()
+    assert d["version"] == CONFIG_VERSION
+    assert json.loads(json.dumps(d)) == d
+    again = PruneConfig.from_dict(json.loads(json.dumps(d)))
+    assert again == config and hash(again) == hash(config)
+    assert Options.from_dict(json.loads(json.dumps(Options.from_kwargs(prune=config).to_dict()))).prune == config
+
+
+@pytest.mark.parametrize("shortcut, n, m, sparsity", [("2:4", 2, 4, 0.5), ("1:4", 1, 4, 0.75), ("4:8", 4, 8, 0.5),
+                                                      (" 2:4 ", 2, 4, 0.5)])
+def test_nm_shortcut_means_magnitude_in_that_pattern(shortcut, n, m, sparsity):
+    for config in (PruneConfig(method=shortcut), Options.from_kwargs(prune=shortcut).prune):
+        assert config.method == "magnitude" and config.pattern == shortcut.strip()
+        assert config.nm == (n, m) and config.sparsity == sparsity
+        assert config == PruneConfig(method="magnitude", pattern=shortcut.strip())
+    assert not PruneConfig(method=shortcut).needs_calibration
+
+
+@pytest.mark.parametrize("prune, method", [("magnitude", "magnitude"), ("Wanda", "wanda"),
+                                           ("structured", "structured"), ("none", "none")])
+def test_prune_string_shortcuts(prune, method):
+    config = Options.from_kwargs(prune=prune).prune
+    assert config == PruneConfig(method=method)
+    assert config.nm is None and config.pattern == "unstructured"
+
+
+def test_prune_defaults_and_calibration_needs():
+    assert PruneConfig(method="magnitude").sparsity == 0.5
+    assert PruneConfig(method="structured").mlp == 0.25 and PruneConfig(method="structured").heads == 0.0
+    assert PruneConfig(method="wanda").needs_calibration
+    assert PruneConfig(method="structured").needs_calibration  # criterion="wanda" by default
+    assert not PruneConfig(method="structured", criterion="magnitude").needs_calibration
+    assert not PruneConfig(method="magnitude").needs_calibration
+    assert not PruneConfig().needs_calibration
+
+
+@pytest.mark.parametrize("make, hint", [
+    (lambda: PruneConfig(method="magnitude", sparsity=1.0), "fraction"),
+    (lambda: PruneConfig(method="magnitude", sparsity=-0.1), "fraction"),
+    (lambda: PruneConfig(method="magnitude", sparsity="x"), "fraction"),
+    (lambda: PruneConfig(method="magnitude", sparsity=True), "fraction"),
+    (lambda: PruneConfig(method="magnitude", pattern="3:2"), "0 < N < M"),
+    (lambda: PruneConfig(method="magnitude", pattern="0:4"), "0 < N < M"),
+    (lambda: PruneConfig(method="magnitude", pattern="2:4:8"), "'unstructured' or 'N:M'"),
+    (lambda: PruneConfig(method="magnitude", pattern="foo"), "'unstructured' or 'N:M'"),
+    (lambda: PruneConfig(method="magnitude", pattern=4), "'unstructured' or 'N:M'"),
+    (lambda: PruneConfig(method="3:2"), "0 < N < M"),
+    (lambda: PruneConfig(method="2:4", pattern="1:4"), "already names the pattern"),
+    (lambda: PruneConfig(method="magnitude", pattern="2:4", sparsity=0.3), "sets the sparsity to 0.5"),
+    (lambda: PruneConfig(method="wanda", pattern="1:4", sparsity=0.6), "sets the sparsity to 0.75"),
+    (lambda: PruneConfig(method="magnitude", pattern="2:4", scope="global"), "scope='global'"),
+    (lambda: PruneConfig(method="magnitude", scope="model"), "PruneConfig.scope"),
+    (lambda: PruneConfig(method="magnitude", mlp=0.5), "PruneConfig.mlp does not apply"),
+    (lambda: PruneConfig(method="wanda", heads=0.5), "PruneConfig.heads does not apply"),
+    (lambda: PruneConfig(method="magnitude", criterion="magnitude"), "PruneConfig.criterion does not apply"),
+    (lambda: PruneConfig(method="structured", sparsity=0.3), "PruneConfig.sparsity does not apply"),
+    (lambda: PruneConfig(method="structured", pattern="2:4"), "does not apply"),
+    (lambda: PruneConfig(method="structured", scope="global"), "PruneConfig.scope does not apply"),
+    (lambda: PruneConfig(method="structured", mlp=0.0, heads=0.0), "removes nothing"),
+    (lambda: PruneConfig(method="structured", mlp=1.0), "PruneConfig.mlp"),
+    (lambda: PruneConfig(method="structured", heads=-0.5), "PruneConfig.heads"),
+    (lambda: PruneConfig(method="structured", criterion="random"), "PruneConfig.criterion"),
+    (lambda: PruneConfig(method="none", sparsity=0.3), "does not apply to method='none'"),
+    (lambda: PruneConfig(method="none", lm_head=True), "does not apply to method='none'"),
+    (lambda: PruneConfig(method="wnada"), "Did you mean 'wanda'"),
+    (lambda: PruneConfig(method="structred"), "Did you mean 'structured'"),
+    (lambda: PruneConfig(method="lottery"), "choose one of"),
+    (lambda: PruneConfig(method=None), "must be a string"),
+    (lambda: PruneConfig(method="magnitude", lm_head="yes"), "lm_head"),
+    (lambda: PruneConfig(method="magnitude", lm_head=1), "lm_head"),
+    (lambda: Options.from_kwargs(prune="2:3:4"), "choose one of"),
+    (lambda: Options.from_kwargs(prune=0.5), "PruneConfig"),
+    (lambda: PruneConfig.from_dict({"method": "magnitude", "amount": 0.5}), "amount"),
+])
+def test_bad_prune_values_are_typed_errors(make, hint):
+    with pytest.raises(InvalidOptionError, match=hint) as info:
+        make()
+    assert isinstance(info.value, ValueError)

@@ -117,33 +117,30 @@ def planned_model(model: nn.Module, p: Plan) -> nn.Module:
     return pruned_view(model, spec, plan_shrink(model, spec, cfg))
 
 
-def _check_pruning_data(p: Plan, calibration_data: Any) -> bool:
-    """Whether pruning will use calibration_data; refuse to start without data it needs."""
-    cfg = prune_config(p)
-    if cfg.needs_calibration and calibration_data is None:
+def _check_calibration_data(p: Plan, calibration_data: Any) -> None:
+    """Before any change: refuse missing data a pass needs, and data no pass would use."""
+    prune_needs, quant_needs = prune_config(p).needs_calibration, bool(calibrated_modules(p))
+    if calibration_data is None and prune_needs:
         raise InvalidOptionError(
             "this pruning ranks weights by their calibration activations (Wanda) and needs calibration_data: "
             "a few tokenized text samples, e.g. [tokenizer(t, return_tensors='pt') for t in texts]. Or rank by "
             "weights alone: prune='magnitude', or PruneConfig(method='structured', criterion='magnitude').")
-    return cfg.needs_calibration
-
-
-def _calibrate(model: nn.Module, p: Plan, calibration_data: Any, used: bool = False) -> dict | None:
-    """Activation statistics for W8A8 smoothing/outliers; refuse data nothing would use."""
-    names = calibrated_modules(p)
-    if not names:
-        if calibration_data is not None and not used:
-            raise InvalidOptionError(
-                "calibration_data is only used by quantize='w8a8' with smooth_alpha > 0 or outlier_channels > 0, "
-                "and by prune='wanda' or structured pruning; this plan needs no calibration. Drop "
-                "calibration_data (or ask for one of those).")
-        return None
-    if calibration_data is None:
+    if calibration_data is None and quant_needs:
         raise InvalidOptionError(
             "quantize='w8a8' with SmoothQuant smoothing (or outlier channels) needs calibration_data: a few "
             "tokenized text samples, e.g. [tokenizer(t, return_tensors='pt') for t in texts]. Or turn "
             "calibration off with QuantConfig(scheme='w8a8', smooth_alpha=0).")
-    return activation_absmax(model, names, calibration_data)
+    if calibration_data is not None and not (prune_needs or quant_needs):
+        raise InvalidOptionError(
+            "calibration_data is only used by quantize='w8a8' with smooth_alpha > 0 or outlier_channels > 0, "
+            "and by prune='wanda' or structured pruning with criterion='wanda'; this plan needs no calibration. "
+            "Drop calibration_data (or ask for one of those).")
+
+
+def _calibrate(model: nn.Module, p: Plan, calibration_data: Any) -> dict | None:
+    """Activation statistics for W8A8 smoothing/outliers (taken on the pruned model)."""
+    names = calibrated_modules(p)
+    return activation_absmax(model, names, calibration_data) if names else None
 
 
 def _already_accelerated(model: nn.Module, requested: Plan | None, options: dict) -> nn.Module:
@@ -229,9 +226,9 @@ def accelerate(model: nn.Module, *, plan: Plan | None = None, hardware: Hardware
         replaced = _apply_sharded_from_checkpoint(model, chosen, ctx, checkpoint)
     else:
         check_quantizable(model, chosen)  # fail before the first change, not halfway
-        pruning_uses_data = _check_pruning_data(chosen, calibration_data)
+        _check_calibration_data(chosen, calibration_data)
         prune_pass(model, chosen, calibration_data, ctx)
-        act_absmax = _calibrate(model, chosen, calibration_data, used=pruning_uses_data)
+        act_absmax = _calibrate(model, chosen, calibration_data)
         replaced = list(quantize_pass(model, chosen, act_absmax))
         if ctx is not None:
             replaced.extend(cut_pass(model, chosen, ctx))

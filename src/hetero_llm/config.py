@@ -233,6 +233,9 @@ class PruneConfig(_Config):
         a win; elsewhere the zeros are stored dense).
       scope: "layer" (every pruned linear reaches `sparsity`; wanda compares weights within
         each output row, as its paper does) or "global" (one threshold over all of them).
+      reconstruct: wanda only (default: True with scope="layer"): after choosing which weights to
+        zero, re-fit the kept ones by least squares on the calibration activations (SparseGPT's
+        update), so each layer's output stays close to the dense one.
     structured:
       mlp: share of each layer's MLP intermediate channels removed (default 0.25).
       heads: share of each layer's KV-head groups removed (a group is one KV head with the
@@ -250,6 +253,7 @@ class PruneConfig(_Config):
     mlp: float = 0.25
     heads: float = 0.0
     criterion: str = "wanda"
+    reconstruct: bool | None = None
     lm_head: bool = False
     version: int = CONFIG_VERSION
 
@@ -276,6 +280,18 @@ class PruneConfig(_Config):
         if self.nm is not None:
             self._check_nm()
         self._check_relevant()
+        self._resolve_reconstruct()
+
+    def _resolve_reconstruct(self) -> None:
+        wanda_layer = self.method == "wanda" and self.scope == "layer"
+        if self.reconstruct is None:
+            object.__setattr__(self, "reconstruct", wanda_layer)
+            return
+        _bool("PruneConfig.reconstruct", self.reconstruct)
+        if self.reconstruct and not wanda_layer:
+            raise InvalidOptionError(
+                "PruneConfig.reconstruct re-fits weights layer by layer on calibration activations: it needs "
+                f"method='wanda' with scope='layer' (got method={self.method!r}, scope={self.scope!r}).")
 
     @staticmethod
     def _pattern(value: Any) -> str:

@@ -28,20 +28,29 @@ MASKED_ROLES = ("q", "k", "v", "qkv", "o", "gate", "up", "gate_up", "down", "fc_
 
 
 def _mask_label(cfg: PruneConfig) -> str:
+    refit = " +refit" if cfg.reconstruct else ""
     if cfg.nm is not None:
-        return f"{cfg.method} {cfg.pattern}"
+        return f"{cfg.method} {cfg.pattern}{refit}"
     where = "global" if cfg.scope == "global" else ("per row" if cfg.method == "wanda" else "per layer")
-    return f"{cfg.method} {100 * cfg.sparsity:g}% {where}"
+    return f"{cfg.method} {100 * cfg.sparsity:g}% {where}{refit}"
 
 
-def _maskable(p: ModuleProfile, cfg: PruneConfig, tied: set[str]) -> bool:
-    if p.role == "lm_head":
+def _maskable(p: ModuleProfile, cfg: PruneConfig, tied: set[str], output: str | None) -> bool:
+    if p.role == "lm_head" or p.name == output:  # an unknown architecture's output layer has role "linear"
         if cfg.lm_head and p.name in tied:
             raise InvalidOptionError(
                 f"{p.name} shares its weight with the token embedding, so pruning it would prune the embedding "
                 "too; keep PruneConfig(lm_head=False) for this model.")
         return cfg.lm_head
     return p.role in MASKED_ROLES
+
+
+def output_layer(profiles: list[ModuleProfile]) -> str | None:
+    """The output projection: the lm_head by role, else (no role table) the last linear, which
+    produces the logits in a causal LM."""
+    linears = [p for p in profiles if p.kind == "linear"]
+    by_role = [p.name for p in linears if p.role == "lm_head"]
+    return by_role[0] if by_role else (linears[-1].name if linears else None)
 
 
 def mark_pruning(entries: dict[str, PlanEntry], profiles: list[ModuleProfile], cfg: PruneConfig,
@@ -56,8 +65,9 @@ def mark_pruning(entries: dict[str, PlanEntry], profiles: list[ModuleProfile], c
     if cfg.method == "structured":
         return _mark_structured(entries, profiles, shrink)
     label, skipped = _mask_label(cfg), []
+    output = output_layer(profiles)
     for p in profiles:
-        if p.kind != "linear" or p.name not in entries or not _maskable(p, cfg, tied):
+        if p.kind != "linear" or p.name not in entries or not _maskable(p, cfg, tied, output):
             continue
         if cfg.nm is not None and p.in_features % cfg.nm[1]:
             skipped.append(p.name)

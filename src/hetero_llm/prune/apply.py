@@ -19,7 +19,7 @@ from ..integrations.transformers import spec_by_family
 from ..planner.plan import Plan
 from ..quant.calibrate import activation_stats
 from ..quant.modules import linear_weight
-from .masks import global_threshold, layer_mask, magnitude_scores, nm_mask, wanda_scores
+from .masks import global_threshold, layer_mask, magnitude_scores, nm_mask, reconstruct, wanda_scores
 from .report import PruneReport, sparsity_report
 from .sequential import prune_layer_by_layer
 from .structured import out_projections, plan_shrink, shrink_layer, update_config
@@ -37,7 +37,8 @@ def mask_targets(plan: Plan) -> list[str]:
 def _scores(module: nn.Module, cfg: PruneConfig, stats: dict, name: str) -> torch.Tensor:
     w = linear_weight(module)
     if cfg.method == "wanda":
-        return wanda_scores(w, stats[name])
+        s = stats[name]
+        return wanda_scores(w, torch.diagonal(s) if s.dim() == 2 else s)  # a Gram matrix's diagonal: sum x^2
     return magnitude_scores(w)
 
 
@@ -58,7 +59,10 @@ def _apply_masks(model: nn.Module, names: list[str], cfg: PruneConfig, stats: di
         else:  # Wanda compares weights within each output row (its paper's choice); magnitude per layer
             keep = layer_mask(scores, cfg.sparsity, per_row=cfg.method == "wanda")
         w = linear_weight(m)
-        w.mul_(keep.to(w.dtype))  # a Conv1D's (out, in) view writes through to its (in, out) storage
+        if cfg.reconstruct:
+            w.copy_(reconstruct(w, keep, stats[name]))  # writes through a Conv1D's transposed view too
+        else:
+            w.mul_(keep.to(w.dtype))  # a Conv1D's (out, in) view writes through to its (in, out) storage
 
 
 def share_statistics(stats: dict, ctx) -> dict:
@@ -94,15 +98,15 @@ def _masks(model: nn.Module, plan: Plan, cfg: PruneConfig, data: Any, ctx) -> No
     if cfg.method != "wanda":
         _apply_masks(model, targets, cfg, {})
         return
-    rest = targets
+    rest, statistic = targets, "gram" if cfg.reconstruct else "sum_of_squares"
     if spec is not None and cfg.scope == "layer":
         layers = model.get_submodule(spec.layers)
         prune_layer_by_layer(model, layers, lambda i: _in_layer(targets, spec.layers, i), data,
                              lambda i, stats: _apply_masks(model, _in_layer(targets, spec.layers, i), cfg,
-                                                           share_statistics(stats, ctx)))
+                                                           share_statistics(stats, ctx)), statistic=statistic)
         rest = [n for n in targets if not n.startswith(spec.layers + ".")]
     if rest:  # global scope, an unknown architecture, or the lm_head: measured in one pass
-        stats = share_statistics(activation_stats(model, rest, data, "sum_of_squares"), ctx)
+        stats = share_statistics(activation_stats(model, rest, data, statistic), ctx)
         _apply_masks(model, rest, cfg, stats)
 
 
@@ -130,5 +134,6 @@ def prune_pass(model: nn.Module, plan: Plan, calibration_data: Any = None, ctx=N
 def describe(cfg: PruneConfig) -> str:
     if cfg.method == "structured":
         return f"structured (mlp {cfg.mlp:g}, heads {cfg.heads:g}, {cfg.criterion})"
-    shape = cfg.pattern if cfg.nm else f"{100 * cfg.sparsity:g}% {cfg.scope}"
-    return f"{cfg.method} {shape}"
+    where = "global" if cfg.scope == "global" else ("per row" if cfg.method == "wanda" else "per layer")
+    shape = cfg.pattern if cfg.nm else f"{100 * cfg.sparsity:g}% {where}"
+    return f"{cfg.method} {shape}" + (" + least-squares update" if cfg.reconstruct else "")

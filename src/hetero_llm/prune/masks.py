@@ -66,3 +66,39 @@ def global_threshold(score_fns: list, total: int, sparsity: float, iterations: i
         if hi - lo <= 1e-12 * max(hi, 1e-30):
             break
     return hi
+
+
+@torch.no_grad()
+def reconstruct(weight: torch.Tensor, keep: torch.Tensor, gram: torch.Tensor, block: int = 128,
+                damping: float = 0.01) -> torch.Tensor:
+    """The pruned weight (zeros where ~keep) whose output on the calibration inputs stays closest
+    to the dense one: SparseGPT's column-by-column optimal-brain-surgeon update with the mask
+    given (here chosen by Wanda). `gram` is X^T X of the layer's inputs (in, in).
+
+    Each zeroed weight's error is spread over the not-yet-visited columns through the inverse
+    Hessian's Cholesky factor; columns go in blocks so most of the work is one matmul per block.
+    """
+    w = weight.detach().float().clone()
+    h = gram.detach().float().clone()
+    n = w.shape[1]
+    dead = torch.diag(h) == 0  # inputs never seen active: nothing to preserve, prune them
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    h += damping * torch.diag(h).mean() * torch.eye(n, device=h.device)
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    keep = keep.to(w.dtype)
+    for a in range(0, n, block):
+        b = min(a + block, n)
+        w1, h1 = w[:, a:b].clone(), hinv[a:b, a:b]
+        err = torch.zeros_like(w1)
+        for i in range(b - a):
+            q = w1[:, i] * keep[:, a + i]
+            e = (w1[:, i] - q) / h1[i, i]
+            w1[:, i:] -= e.unsqueeze(1) * h1[i, i:].unsqueeze(0)
+            w1[:, i] = q
+            err[:, i] = e
+        w[:, a:b] = w1
+        w[:, b:] -= err @ hinv[a:b, b:]
+    if not torch.isfinite(w).all():  # a degenerate Gram matrix: keep the plain mask instead
+        return weight.detach().float() * keep
+    return w.to(weight.dtype)

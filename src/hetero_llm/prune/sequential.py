@@ -56,11 +56,12 @@ def _with_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple
 @torch.no_grad()  # not inference_mode: sliced weights made here must stay ordinary tensors
 def prune_layer_by_layer(model: nn.Module, layers: nn.ModuleList, names_of_layer: Callable[[int], list[str]],
                          data: Any, prune_layer: Callable[[int, dict[str, torch.Tensor]], None], *,
-                         progress: bool = True) -> None:
-    """For each decoder layer i: measure the sum of squared inputs of the modules
-    `names_of_layer(i)` on the current activations, call `prune_layer(i, stats)`, then run the
-    pruned layer to get the next layer's activations."""
-    reduce_batch, combine = STATISTICS["sum_of_squares"]
+                         statistic: str = "sum_of_squares", progress: bool = True) -> None:
+    """For each decoder layer i: measure `statistic` ("sum_of_squares" per input channel, or the
+    "gram" matrix X^T X) of the inputs of the modules `names_of_layer(i)` on the current
+    activations, call `prune_layer(i, stats)`, then run the pruned layer to get the next
+    layer's activations."""
+    reduce_batch, combine = STATISTICS[statistic]
     calls = _layer_inputs(model, layers[0], data)
     for i in tqdm(range(len(layers)), desc="pruning", unit="layer", disable=not progress):
         stats: dict[str, torch.Tensor] = {}

@@ -65,8 +65,15 @@ def _sum_of_squares(x: torch.Tensor) -> torch.Tensor:
     return x.float().pow(2).sum(dim=0)
 
 
+def _gram(x: torch.Tensor) -> torch.Tensor:
+    x = x.float()
+    return x.t() @ x
+
+
 # How each statistic folds one batch of inputs (tokens, channels) into the running value.
-STATISTICS = {"absmax": (_absmax, torch.maximum), "sum_of_squares": (_sum_of_squares, torch.add)}
+# "gram" is X^T X (channels x channels); its diagonal is the sum of squares.
+STATISTICS = {"absmax": (_absmax, torch.maximum), "sum_of_squares": (_sum_of_squares, torch.add),
+              "gram": (_gram, torch.add)}
 
 
 @torch.inference_mode()
