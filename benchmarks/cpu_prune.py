@@ -39,22 +39,35 @@ def _prune_kwargs(prune) -> dict:
     return prune.to_dict() if isinstance(prune, PruneConfig) else {"method": prune}
 
 
+SPEED_VARIANTS = {
+    "int8": {"structured mlp 25%": "structured",
+             "structured mlp 50%": PruneConfig(method="structured", mlp=0.5),
+             "structured mlp 25% + 1/3 KV groups": PruneConfig(method="structured", mlp=0.25, heads=1 / 3)},
+    "none": {"structured mlp 25%": "structured"},
+}
+
+
 def speed(tok, calib, repeats: int, tokens: int) -> dict:
     out = {}
-    for quantize in ("int8", "none"):
-        dense, _ = accelerated(calib, quantize=quantize)
-        pruned, secs = accelerated(calib, quantize=quantize, prune="structured")
-        r = run_bench({"unpruned": dense, "structured mlp 25%": pruned}, tok, repeats=repeats, new_tokens=tokens,
-                      prompt_len=256, perplexity_tokens=PPL_TOKENS, progress=False, model_name="smollm2")
-        a, b = r.variants
-        out[quantize] = {"unpruned": a.__dict__, "pruned": b.__dict__, "prune_s": secs,
-                         "decode_ratio": b.decode_tok_s / a.decode_tok_s,
-                         "prefill_ratio": b.prefill_tok_s / a.prefill_tok_s,
-                         "intermediate_size": pruned.config.intermediate_size}
-        print(f"[{quantize}] decode {a.decode_tok_s:.1f} -> {b.decode_tok_s:.1f} tok/s "
-              f"({out[quantize]['decode_ratio']:.3f}x), prefill {out[quantize]['prefill_ratio']:.3f}x, "
-              f"ppl {a.perplexity:.3f} -> {b.perplexity:.3f}, weights {a.weight_mb:.1f} -> {b.weight_mb:.1f} MB",
-              flush=True)
+    for quantize, pruned_variants in SPEED_VARIANTS.items():
+        variants = {"unpruned": accelerated(calib, quantize=quantize)[0]}
+        prune_s = {}
+        for label, prune in pruned_variants.items():
+            variants[label], prune_s[label] = accelerated(calib, quantize=quantize, prune=prune)
+        r = run_bench(variants, tok, repeats=repeats, new_tokens=tokens, prompt_len=256,
+                      perplexity_tokens=PPL_TOKENS, progress=False, model_name="smollm2")
+        base = r.variants[0]
+        rows = {}
+        for v in r.variants:
+            rows[v.name] = {**v.__dict__, "decode_ratio": v.decode_tok_s / base.decode_tok_s,
+                            "prefill_ratio": v.prefill_tok_s / base.prefill_tok_s,
+                            "ppl_ratio": v.perplexity / base.perplexity, "prune_s": prune_s.get(v.name, 0.0),
+                            "intermediate_size": variants[v.name].config.intermediate_size,
+                            "kv_heads": variants[v.name].config.num_key_value_heads}
+            print(f"[{quantize}] {v.name:36s} decode {v.decode_tok_s:6.1f} tok/s ({rows[v.name]['decode_ratio']:.3f}x)"
+                  f"  prefill {rows[v.name]['prefill_ratio']:.3f}x  ppl {v.perplexity:7.3f}  "
+                  f"weights {v.weight_mb:6.1f} MB", flush=True)
+        out[quantize] = rows
     return out
 
 
@@ -105,7 +118,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--tokens", type=int, default=64)
-    ap.add_argument("--calibration", type=int, default=32, help="calibration samples of 256 tokens")
+    ap.add_argument("--calibration", type=int, default=64, help="calibration samples of 256 tokens")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     _, tok = load_model("smollm2")

@@ -233,8 +233,8 @@ class PruneConfig(_Config):
         a win; elsewhere the zeros are stored dense).
       scope: "layer" (every pruned linear reaches `sparsity`; wanda compares weights within
         each output row, as its paper does) or "global" (one threshold over all of them).
-      reconstruct: wanda only (default: True with scope="layer"): after choosing which weights to
-        zero, re-fit the kept ones by least squares on the calibration activations (SparseGPT's
+      reconstruct (wanda; default True with scope="layer"): after choosing which weights to zero,
+        re-fit the kept ones by least squares on the calibration activations (SparseGPT's
         update), so each layer's output stays close to the dense one.
     structured:
       mlp: share of each layer's MLP intermediate channels removed (default 0.25).
@@ -242,6 +242,8 @@ class PruneConfig(_Config):
         query heads that read it; rounded down to whole groups).
       criterion: "wanda" (channel importance = activation norm x weight norm on calibration_data)
         or "magnitude" (weight norms only, no data needed).
+      reconstruct (default True with criterion="wanda"): re-fit the output projections (down, o)
+        by least squares so they make up for the removed channels on the calibration activations.
     lm_head: also prune the output projection (default False: logits are the most sensitive).
     Embeddings and norms are never pruned.
     """
@@ -283,15 +285,17 @@ class PruneConfig(_Config):
         self._resolve_reconstruct()
 
     def _resolve_reconstruct(self) -> None:
-        wanda_layer = self.method == "wanda" and self.scope == "layer"
+        fits = (self.method == "wanda" and self.scope == "layer") or \
+            (self.method == "structured" and self.criterion == "wanda")
         if self.reconstruct is None:
-            object.__setattr__(self, "reconstruct", wanda_layer)
+            object.__setattr__(self, "reconstruct", fits)
             return
         _bool("PruneConfig.reconstruct", self.reconstruct)
-        if self.reconstruct and not wanda_layer:
+        if self.reconstruct and not fits:
             raise InvalidOptionError(
                 "PruneConfig.reconstruct re-fits weights layer by layer on calibration activations: it needs "
-                f"method='wanda' with scope='layer' (got method={self.method!r}, scope={self.scope!r}).")
+                "method='wanda' with scope='layer', or method='structured' with criterion='wanda' (got "
+                f"method={self.method!r}, scope={self.scope!r}, criterion={self.criterion!r}).")
 
     @staticmethod
     def _pattern(value: Any) -> str:

@@ -77,9 +77,15 @@ def from_checkpoint(kind: str) -> torch.nn.Module:
     return model.eval()
 
 
-def compare(kind: str, options: dict, quantize: str = "none", checkpoint: bool = False) -> dict:
+def calibration() -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(2)
+    return [torch.randint(3, VOCAB, (1, 16), generator=g) for _ in range(4)]
+
+
+def compare(kind: str, options: dict, quantize: str = "none", checkpoint: bool = False, prune="none") -> dict:
     ids, mask = inputs()
-    ref = hetero_llm.accelerate(tiny(kind), quantize=quantize, device="cpu")
+    pruning = {"prune": prune, "calibration_data": calibration()} if prune != "none" else {}
+    ref = hetero_llm.accelerate(tiny(kind), quantize=quantize, device="cpu", **pruning)
     full = weight_bytes(ref)
     with torch.no_grad():
         want = ref(input_ids=ids, attention_mask=mask).logits
@@ -98,7 +104,7 @@ def compare(kind: str, options: dict, quantize: str = "none", checkpoint: bool =
         model = hetero_llm.accelerate(skeleton, quantize=quantize, device="cpu",
                                       checkpoint=skeleton.__dict__.pop("_checkpoint"), **options)
     else:
-        model = hetero_llm.accelerate(tiny(kind), quantize=quantize, device="cpu", **options)
+        model = hetero_llm.accelerate(tiny(kind), quantize=quantize, device="cpu", **pruning, **options)
     with torch.no_grad():
         got = model(input_ids=ids, attention_mask=mask).logits
     greedy = model.generate(ids, **gen)
@@ -143,6 +149,11 @@ def scenario_correctness() -> dict:
     results["qwen2-tp-int8"] = compare("qwen2", {"tp": 2}, quantize="int8")
     results["qwen2-tp-int8-checkpoint"] = compare("qwen2", {"tp": 2}, quantize="int8", checkpoint=True)
     results["llama-tp-int8-asym-checkpoint"] = compare("llama", {"tp": 2}, quantize="int8-asym", checkpoint=True)
+    # prune, then quantize, then shard: every rank prunes with rank 0's calibration statistics
+    structured = hetero_llm.PruneConfig(method="structured", mlp=0.25, heads=0.5)
+    results["llama-tp-structured"] = compare("llama", {"tp": 2}, prune=structured)
+    results["gpt2-pp-structured"] = compare("gpt2", {"pp": 2}, prune="structured")
+    results["qwen2-tp-wanda-int8"] = compare("qwen2", {"tp": 2}, quantize="int8", prune="wanda")
     results["world-mismatch"] = expect_error({"tp": 2, "pp": 2})
     return results
 

@@ -41,7 +41,7 @@ def results(tmp_path_factory):
 
 
 CASES = ["llama-tp", "llama-pp", "qwen2-tp", "qwen2-pp", "gpt2-tp", "gpt2-pp",
-         "llama-tp-checkpoint", "gpt2-pp-checkpoint"]
+         "llama-tp-checkpoint", "gpt2-pp-checkpoint", "llama-tp-structured", "gpt2-pp-structured"]
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -73,7 +73,7 @@ def test_pipeline_stages_hold_their_layers_only(results, case):
 
 def test_int8_tensor_parallel_matches_int8_one_process(results):
     for case in ("llama-tp-int8", "qwen2-tp-int8-replicated-vocab", "gpt2-pp-int8-microbatch2",
-                 "qwen2-tp-int8-checkpoint", "llama-tp-int8-asym-checkpoint"):
+                 "qwen2-tp-int8-checkpoint", "llama-tp-int8-asym-checkpoint", "qwen2-tp-wanda-int8"):
         for rank in results:
             r = rank[case]
             # Scales are sliced with their weights; what differs is the summation order and the

@@ -417,3 +417,33 @@ def test_wanda_reconstruct_keeps_the_mask_and_beats_plain_wanda_on_the_layer_out
     plain_err = (x @ (w * keep).t() - dense).norm()
     refit_err = (x @ refit.t() - dense).norm()
     assert refit_err < 0.8 * plain_err
+
+
+def test_structured_refit_of_the_output_projection_beats_the_plain_slice():
+    """Removing input channels of down/o and re-fitting the rest by least squares keeps the
+    projection's output on the calibration inputs closer to the dense one than slicing alone."""
+    from hetero_llm.prune.structured import _refit
+    torch.manual_seed(0)
+    x = torch.randn(512, 8) @ torch.randn(8, 48) + 0.1 * torch.randn(512, 48)
+    dense = nn.Linear(48, 16, bias=False)
+    keep = torch.arange(0, 48, 2)
+    plain, refit = copy.deepcopy(dense), copy.deepcopy(dense)
+    _refit(plain, None, keep)
+    _refit(refit, x.t() @ x, keep)
+    assert plain.weight.shape == refit.weight.shape == (16, 24)
+    assert torch.equal(plain.weight, dense.weight[:, keep])
+    with torch.no_grad():
+        want = dense(x)
+        plain_err = (plain(x[:, keep]) - want).norm()
+        refit_err = (refit(x[:, keep]) - want).norm()
+    assert refit_err < 0.5 * plain_err
+
+
+def test_structured_refit_is_on_by_default_with_wanda_and_refused_without_data():
+    assert PruneConfig(method="structured").reconstruct is True
+    assert PruneConfig(method="structured", criterion="magnitude").reconstruct is False
+    assert PruneConfig(method="wanda", scope="global").reconstruct is False
+    with pytest.raises(InvalidOptionError, match="reconstruct"):
+        PruneConfig(method="structured", criterion="magnitude", reconstruct=True)
+    with pytest.raises(InvalidOptionError, match="reconstruct"):
+        PruneConfig(method="magnitude", reconstruct=True)

@@ -85,7 +85,8 @@ def _structured(model: nn.Module, plan: Plan, cfg: PruneConfig, data: Any, ctx) 
     layers = model.get_submodule(spec.layers)
     if cfg.criterion == "wanda":
         prune_layer_by_layer(model, layers, lambda i: out_projections(spec, shrink, i), data,
-                             lambda i, stats: shrink_layer(model, spec, i, shrink, share_statistics(stats, ctx)))
+                             lambda i, stats: shrink_layer(model, spec, i, shrink, share_statistics(stats, ctx)),
+                             statistic="gram" if cfg.reconstruct else "sum_of_squares")
     else:
         for i in range(len(layers)):
             shrink_layer(model, spec, i, shrink, {})
@@ -133,7 +134,8 @@ def prune_pass(model: nn.Module, plan: Plan, calibration_data: Any = None, ctx=N
 
 def describe(cfg: PruneConfig) -> str:
     if cfg.method == "structured":
-        return f"structured (mlp {cfg.mlp:g}, heads {cfg.heads:g}, {cfg.criterion})"
+        return f"structured (mlp {cfg.mlp:g}, heads {cfg.heads:g}, {cfg.criterion}" + \
+            (", least-squares update)" if cfg.reconstruct else ")")
     where = "global" if cfg.scope == "global" else ("per row" if cfg.method == "wanda" else "per layer")
     shape = cfg.pattern if cfg.nm else f"{100 * cfg.sparsity:g}% {where}"
     return f"{cfg.method} {shape}" + (" + least-squares update" if cfg.reconstruct else "")

@@ -164,8 +164,32 @@ def _scores(out_proj: nn.Module, in_projs: list[nn.Module], stats: torch.Tensor 
     """
     cols = _column_norms(out_proj).cpu()
     if stats is not None:
-        return stats.float().cpu().sqrt() * cols
+        ss = torch.diagonal(stats) if stats.dim() == 2 else stats  # a Gram matrix's diagonal: sum of x^2
+        return ss.float().cpu().sqrt() * cols
     return _in_side(in_projs, cols.numel(), limit) * cols
+
+
+def _refit(out_proj: nn.Module, gram: torch.Tensor | None, keep: torch.Tensor, damping: float = 0.01):
+    """Slice the output projection to the kept input channels and, given the Gram matrix G = X^T X
+    of its calibration inputs, let the kept channels make up for the removed ones by least squares:
+    W' = W_keep + W_drop G[drop, keep] G[keep, keep]^-1, the minimizer of ||X W^T - X_keep W'^T||.
+    Written this way the damping only touches the correction: channels that never correlate with
+    a removed one keep their weights exactly."""
+    correction = None
+    if gram is not None and gram.dim() == 2:
+        w = linear_weight(out_proj).detach().float().cpu()
+        g = gram.float().cpu()
+        drop = torch.ones(g.shape[0], dtype=torch.bool)
+        drop[keep] = False
+        gk = g[keep][:, keep]
+        gk = gk + damping * torch.diagonal(gk).mean().clamp(min=1e-12) * torch.eye(len(keep))
+        correction = torch.linalg.solve(gk, (w[:, drop] @ g[drop][:, keep]).t()).t()
+        if not torch.isfinite(correction).all():
+            correction = None  # degenerate statistics: keep the plain slice
+    _slice(out_proj, "in", _runs(keep))
+    if correction is not None:
+        target = linear_weight(out_proj)
+        target.add_(correction.to(target.dtype))  # writes through a Conv1D's transposed view too
 
 
 def _top(scores: torch.Tensor, keep: int) -> torch.Tensor:
@@ -178,10 +202,11 @@ def _shrink_mlp(model: nn.Module, spec: ArchitectureSpec, i: int, shrink: Shrink
     out = _block(model, spec, i, out_role)
     ins = {r: _block(model, spec, i, r) for r in MLP_IN if r in spec.roles}
     width = shrink.mlp[0]
-    keep = _top(_scores(out, list(ins.values()), stats.get(prefix + spec.roles[out_role])), shrink.mlp[1])
+    gram = stats.get(prefix + spec.roles[out_role])
+    keep = _top(_scores(out, list(ins.values()), gram), shrink.mlp[1])
     for role, m in ins.items():
         _slice(m, "out", _runs(keep) + (_runs(keep, width) if role == "gate_up" else ()))
-    _slice(out, "in", _runs(keep))
+    _refit(out, gram, keep)
     return prefix + spec.roles.get("mlp", out_role)
 
 
@@ -191,7 +216,8 @@ def _shrink_attention(model: nn.Module, spec: ArchitectureSpec, i: int, shrink: 
     group = heads // kv
     o = _block(model, spec, i, "o")
     q_side = [_block(model, spec, i, "q" if "q" in spec.roles else "qkv")]
-    channel = _scores(o, q_side, stats.get(prefix + spec.roles["o"]), limit=heads * hd)
+    gram = stats.get(prefix + spec.roles["o"])
+    channel = _scores(o, q_side, gram, limit=heads * hd)
     groups = _top(channel.reshape(kv, group * hd).sum(dim=1), shrink.kv_heads[1])
     q_heads = (groups.unsqueeze(1) * group + torch.arange(group)).reshape(-1)
     qch, kvch = _channels(q_heads, hd), _channels(groups, hd)
@@ -201,7 +227,7 @@ def _shrink_attention(model: nn.Module, spec: ArchitectureSpec, i: int, shrink: 
         _slice(q_side[0], "out", _runs(qch))
         _slice(_block(model, spec, i, "k"), "out", _runs(kvch))
         _slice(_block(model, spec, i, "v"), "out", _runs(kvch))
-    _slice(o, "in", _runs(qch))
+    _refit(o, gram, qch)
     attn = _block(model, spec, i, "attention")
     values = {"heads": shrink.heads[1], "kv_heads": shrink.kv_heads[1], "width": shrink.heads[1] * hd}
     for attr, what in spec.tp_attention.items():  # module attributes that hold head counts
