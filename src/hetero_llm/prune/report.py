@@ -55,7 +55,9 @@ def _zero_share(module: nn.Module) -> tuple[tuple[int, int], float]:
         else:
             zeros = (q == 0).float().mean()
         return tuple(q.shape), float(zeros)
-    w = linear_weight(module)
+    from .semi_sparse import dense_weight  # a 2:4 sparse-tensor-core weight (GPU) is read back dense
+
+    w = dense_weight(linear_weight(module))
     return tuple(w.shape), float((w == 0).float().mean())
 
 

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..quant.calibrate import STATISTICS, calibration_batches
+from ..quant.calibrate import calibration_batches, recording_hook
 
 
 class _Captured(Exception):
@@ -61,20 +61,11 @@ def prune_layer_by_layer(model: nn.Module, layers: nn.ModuleList, names_of_layer
     "gram" matrix X^T X) of the inputs of the modules `names_of_layer(i)` on the current
     activations, call `prune_layer(i, stats)`, then run the pruned layer to get the next
     layer's activations."""
-    reduce_batch, combine = STATISTICS[statistic]
     calls = _layer_inputs(model, layers[0], data)
     for i in tqdm(range(len(layers)), desc="pruning", unit="layer", disable=not progress):
         stats: dict[str, torch.Tensor] = {}
-
-        def hook_for(name: str):
-            def record(_module, args):
-                x = args[0].detach()
-                s = reduce_batch(x.reshape(-1, x.shape[-1])).cpu()
-                stats[name] = s if name not in stats else combine(stats[name], s)
-            return record
-
-        names = names_of_layer(i)
-        handles = [model.get_submodule(n).register_forward_pre_hook(hook_for(n)) for n in names]
+        handles = [model.get_submodule(n).register_forward_pre_hook(recording_hook(stats, n, statistic))
+                   for n in names_of_layer(i)]
         try:
             for args, kwargs in calls:
                 layers[i](*args, **kwargs)

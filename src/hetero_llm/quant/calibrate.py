@@ -76,22 +76,24 @@ STATISTICS = {"absmax": (_absmax, torch.maximum), "sum_of_squares": (_sum_of_squ
               "gram": (_gram, torch.add)}
 
 
+def recording_hook(stats: dict[str, torch.Tensor], name: str, statistic: str):
+    """A forward pre-hook folding `statistic` of the module's input into stats[name]."""
+    reduce_batch, combine = STATISTICS[statistic]
+
+    def record(_module, args):
+        x = args[0].detach()
+        value = reduce_batch(x.reshape(-1, x.shape[-1])).cpu()
+        stats[name] = value if name not in stats else combine(stats[name], value)
+    return record
+
+
 @torch.inference_mode()
 def activation_stats(model: nn.Module, names: list[str], data: Any, statistic: str, *,
                      progress: bool = True) -> dict[str, torch.Tensor]:
     """A per-input-channel statistic (fp32, on CPU) of what each named module reads over the samples:
     "absmax" (max |x|, for SmoothQuant) or "sum_of_squares" (sum of x^2, whose root is Wanda's ||x||)."""
-    reduce_batch, combine = STATISTICS[statistic]
     stats: dict[str, torch.Tensor] = {}
-
-    def hook_for(name: str):
-        def record(_module, args):
-            x = args[0].detach()
-            m = reduce_batch(x.reshape(-1, x.shape[-1])).cpu()
-            stats[name] = m if name not in stats else combine(stats[name], m)
-        return record
-
-    handles = [model.get_submodule(n).register_forward_pre_hook(hook_for(n)) for n in names]
+    handles = [model.get_submodule(n).register_forward_pre_hook(recording_hook(stats, n, statistic)) for n in names]
     device = next(model.parameters()).device
     try:
         for batch in tqdm(calibration_batches(data), desc="calibrating", unit="sample", disable=not progress):
