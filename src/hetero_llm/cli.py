@@ -15,6 +15,9 @@ def _add_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantize", default="auto",
                    help="auto | int8 | int8-asym | w8a8 | none (default: auto); w8a8 calibrates on 16 samples "
                         "of the bundled text that the perplexity text does not include")
+    p.add_argument("--prune", default="none",
+                   help="none | magnitude | wanda | 2:4 (any N:M) | structured (default: none); wanda and "
+                        "structured calibrate on 64 samples of the bundled text that the perplexity text does not include")
     p.add_argument("--kernels", default="auto", help="auto | torch (default: auto)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
     p.add_argument("--no-strict", action="store_true",
@@ -22,15 +25,18 @@ def _add_options(p: argparse.ArgumentParser) -> None:
 
 
 def _options(args) -> dict:
-    return dict(quantize=args.quantize, kernels=args.kernels, device=args.device)
+    return dict(quantize=args.quantize, prune=args.prune, kernels=args.kernels, device=args.device)
 
 
 def _calibration(args, tokenizer):
-    """W8A8 needs calibration samples; the other schemes take none."""
-    if str(args.quantize).strip().lower() != "w8a8":
-        return None
+    """Samples for what calibrates (W8A8 smoothing, Wanda-style pruning); None otherwise."""
+    from .config import PruneConfig
     from .evaluate.perplexity import calibration_samples
-    return calibration_samples(tokenizer, n=16, seq_len=256)
+    if PruneConfig(method=args.prune).needs_calibration:  # pruning ranks better with more text
+        return calibration_samples(tokenizer, n=64, seq_len=256)
+    if str(args.quantize).strip().lower() == "w8a8":
+        return calibration_samples(tokenizer, n=16, seq_len=256)
+    return None
 
 
 def _meta_model(path: Path):
