@@ -216,8 +216,8 @@ def accelerate(model: nn.Module, *, plan: Plan | None = None, hardware: Hardware
         if prune_config(chosen).method != "none":
             raise InvalidOptionError(
                 "pruning ranks weights over the whole model, which a meta model read slice by slice never holds. "
-                "Prune the full model once, save it (model.save_pretrained, or hetero_llm.save), then shard that "
-                "checkpoint with accelerate(meta_model, tp=..., checkpoint=path).")
+                "Load the full model on every rank and call accelerate(model, prune=..., tp=...) without "
+                "checkpoint=: each rank prunes its copy with rank 0's statistics, then keeps its shard.")
         if calibration_data is not None or calibrated_modules(chosen):
             raise InvalidOptionError(
                 "calibration (W8A8 smoothing or outlier channels) runs the whole model, which a meta model "
