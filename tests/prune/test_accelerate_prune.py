@@ -447,3 +447,17 @@ def test_structured_refit_is_on_by_default_with_wanda_and_refused_without_data()
         PruneConfig(method="structured", criterion="magnitude", reconstruct=True)
     with pytest.raises(InvalidOptionError, match="reconstruct"):
         PruneConfig(method="magnitude", reconstruct=True)
+
+
+@pytest.mark.parametrize("prune", ["magnitude", PruneConfig(method="structured", criterion="magnitude")])
+def test_a_nan_weight_is_refused_before_anything_is_pruned(prune):
+    model = _llama_for_refusal()
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight[3, 5] = float("nan")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(hetero_llm.HeteroLLMError, match="NaN"):
+        hetero_llm.accelerate(model, prune=prune, quantize="none")
+    after = model.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k].nan_to_num(7.0), after[k].nan_to_num(7.0)) for k in before)
+    assert not hasattr(model, "hetero_prune") and model.config.intermediate_size == 128

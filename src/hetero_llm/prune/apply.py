@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..config import PruneConfig
-from ..errors import InvalidOptionError
+from ..errors import InvalidOptionError, NonFiniteWeightError
 from ..integrations.transformers import spec_by_family
 from ..planner.plan import Plan
 from ..quant.calibrate import activation_stats
@@ -123,6 +123,7 @@ def prune_pass(model: nn.Module, plan: Plan, calibration_data: Any = None, ctx=N
                                  "pass calibration_data.")
     pruned = {e.name for e in plan.entries if e.prune}
     names = [n for n, _ in model.named_modules() if n in pruned]
+    _check_finite(model, names)
     before = sum(linear_weight(model.get_submodule(n)).numel() for n in names)
     if cfg.method == "structured":
         _structured(model, plan, cfg, calibration_data, ctx)
@@ -130,6 +131,16 @@ def prune_pass(model: nn.Module, plan: Plan, calibration_data: Any = None, ctx=N
         _masks(model, plan, cfg, calibration_data, ctx)
     model.hetero_prune = sparsity_report(model, names, method=describe(cfg), params_before=before)
     return model.hetero_prune
+
+
+def _check_finite(model: nn.Module, names: list[str]) -> None:
+    """NaN/inf weights cannot be ranked (nor re-fitted): refuse before anything is cut."""
+    for name in names:
+        w = linear_weight(model.get_submodule(name))
+        if not torch.isfinite(w).all():
+            raise NonFiniteWeightError(
+                f"{name}: the weight holds {int((~torch.isfinite(w)).sum())} NaN/inf value(s), so its weights "
+                "cannot be ranked for pruning. Fix the checkpoint; the model was not changed.")
 
 
 def describe(cfg: PruneConfig) -> str:
