@@ -145,6 +145,30 @@ def _get(root: torch.nn.Module, path: str) -> torch.nn.Module | None:
         return None
 
 
+def block_module(model: torch.nn.Module, spec: ArchitectureSpec, role: str, index: int = 0) -> torch.nn.Module | None:
+    """The module playing `role` in decoder layer `index`, or None when the table has no such role."""
+    path = spec.roles.get(role)
+    return None if path is None else model.get_submodule(f"{spec.layers}.{index}.{path}")
+
+
+def _in_features(module: torch.nn.Module) -> int:
+    """Input width of a Linear, a quantized linear, or GPT-2's Conv1D (weight stored (in, out))."""
+    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
+        return module.weight.shape[0]
+    return module.in_features
+
+
+def block_sizes(model: torch.nn.Module, spec: ArchitectureSpec) -> tuple[int, int, int, int]:
+    """(query heads, KV heads, head_dim, MLP width) of a decoder layer (all layers are alike)."""
+    config = model.config
+    heads = int(getattr(config, "num_attention_heads", None) or config.n_head)
+    kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+    attn = block_module(model, spec, "attention")
+    head_dim = int(getattr(attn, "head_dim", 0) or getattr(config, "head_dim", 0) or config.hidden_size // heads)
+    down = block_module(model, spec, "down") or block_module(model, spec, "fc_out")
+    return heads, kv_heads, head_dim, _in_features(down)
+
+
 @dataclass
 class RoleMap:
     """Module name -> role, for one model instance; plus the per-block fusion groups."""

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from ..errors import InvalidOptionError
-from ..integrations.transformers import ArchitectureSpec
+from ..integrations.transformers import ArchitectureSpec, block_sizes
 
 Range = tuple[int, int]
 
@@ -109,18 +109,6 @@ class TensorLayout:
         return qb - qa, kb - ka
 
 
-def _width(module: nn.Module, which: str) -> int:
-    """in/out features of a Linear, a GPT-2 Conv1D (weight (in, out)) or a quantized linear."""
-    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
-        return module.weight.shape[0] if which == "in" else module.nf
-    return getattr(module, f"{which}_features")
-
-
-def _block_module(model: nn.Module, spec: ArchitectureSpec, role: str) -> nn.Module | None:
-    path = spec.roles.get(role)
-    return None if path is None else model.get_submodule(f"{spec.layers}.0.{path}")
-
-
 def tensor_layout(model: nn.Module, spec: ArchitectureSpec, tp: int, vocab_parallel: bool,
                   mlp_unit: int = 1) -> TensorLayout:
     """Split the model's heads, MLP channels and (optionally) vocabulary over tp ranks.
@@ -128,13 +116,7 @@ def tensor_layout(model: nn.Module, spec: ArchitectureSpec, tp: int, vocab_paral
     `mlp_unit`: MLP ranges are multiples of it (the quantization group size, so per-group
     scales of the row-parallel down projection split with their weights).
     """
-    config = model.config
-    heads = int(getattr(config, "num_attention_heads", None) or config.n_head)
-    kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
-    attn = _block_module(model, spec, "attention")
-    head_dim = int(getattr(attn, "head_dim", 0) or config.hidden_size // heads)
-    down = _block_module(model, spec, "down") or _block_module(model, spec, "fc_out")
-    intermediate = _width(down, "in")
+    heads, kv_heads, head_dim, intermediate = block_sizes(model, spec)
     if intermediate % mlp_unit or intermediate // mlp_unit < tp:
         raise InvalidOptionError(
             f"the MLP's {intermediate} channels cannot be split over tp={tp} ranks in units of {mlp_unit} "

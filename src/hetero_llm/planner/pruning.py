@@ -27,7 +27,7 @@ from .profile import ModuleProfile
 MASKED_ROLES = ("q", "k", "v", "qkv", "o", "gate", "up", "gate_up", "down", "fc_in", "fc_out", "linear")
 
 
-def _mask_label(cfg: PruneConfig) -> str:
+def mask_label(cfg: PruneConfig) -> str:
     refit = " +refit" if cfg.reconstruct else ""
     if cfg.nm is not None:
         return f"{cfg.method} {cfg.pattern}{refit}"
@@ -64,7 +64,7 @@ def mark_pruning(entries: dict[str, PlanEntry], profiles: list[ModuleProfile], c
         return []
     if cfg.method == "structured":
         return _mark_structured(entries, profiles, shrink)
-    label, skipped = _mask_label(cfg), []
+    label, skipped = mask_label(cfg), []
     output = output_layer(profiles)
     for p in profiles:
         if p.kind != "linear" or p.name not in entries or not _maskable(p, cfg, tied, output):

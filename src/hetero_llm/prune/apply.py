@@ -14,9 +14,10 @@ import torch
 from torch import nn
 
 from ..config import PruneConfig
-from ..errors import InvalidOptionError, NonFiniteWeightError
+from ..errors import NonFiniteWeightError
 from ..integrations.transformers import spec_by_family
 from ..planner.plan import Plan
+from ..planner.pruning import mask_label
 from ..quant.calibrate import activation_stats
 from ..quant.modules import linear_weight
 from .masks import global_threshold, layer_mask, magnitude_scores, nm_mask, reconstruct, wanda_scores
@@ -36,10 +37,7 @@ def mask_targets(plan: Plan) -> list[str]:
 
 def _scores(module: nn.Module, cfg: PruneConfig, stats: dict, name: str) -> torch.Tensor:
     w = linear_weight(module)
-    if cfg.method == "wanda":
-        s = stats[name]
-        return wanda_scores(w, torch.diagonal(s) if s.dim() == 2 else s)  # a Gram matrix's diagonal: sum x^2
-    return magnitude_scores(w)
+    return wanda_scores(w, stats[name]) if cfg.method == "wanda" else magnitude_scores(w)
 
 
 @torch.no_grad()
@@ -118,9 +116,6 @@ def prune_pass(model: nn.Module, plan: Plan, calibration_data: Any = None, ctx=N
     cfg = prune_config(plan)
     if cfg.method == "none":
         return None
-    if cfg.needs_calibration and calibration_data is None:
-        raise InvalidOptionError("this pruning ranks weights by calibration activations (Wanda) and got none; "
-                                 "pass calibration_data.")
     pruned = {e.name for e in plan.entries if e.prune}
     names = [n for n, _ in model.named_modules() if n in pruned]
     _check_finite(model, names)
@@ -144,9 +139,8 @@ def _check_finite(model: nn.Module, names: list[str]) -> None:
 
 
 def describe(cfg: PruneConfig) -> str:
+    """The report's name for the pruning: the plan's label for masks."""
     if cfg.method == "structured":
         return f"structured (mlp {cfg.mlp:g}, heads {cfg.heads:g}, {cfg.criterion}" + \
             (", least-squares update)" if cfg.reconstruct else ")")
-    where = "global" if cfg.scope == "global" else ("per row" if cfg.method == "wanda" else "per layer")
-    shape = cfg.pattern if cfg.nm else f"{100 * cfg.sparsity:g}% {where}"
-    return f"{cfg.method} {shape}" + (" + least-squares update" if cfg.reconstruct else "")
+    return mask_label(cfg)

@@ -14,10 +14,16 @@ def magnitude_scores(weight: torch.Tensor) -> torch.Tensor:
     return weight.detach().abs().float()
 
 
-def wanda_scores(weight: torch.Tensor, input_sum_of_squares: torch.Tensor) -> torch.Tensor:
+def sum_of_squares(stat: torch.Tensor) -> torch.Tensor:
+    """Per input channel, the sum of x^2 over the calibration tokens: the statistic itself, or the
+    diagonal of a Gram matrix X^T X."""
+    return torch.diagonal(stat) if stat.dim() == 2 else stat
+
+
+def wanda_scores(weight: torch.Tensor, input_stat: torch.Tensor) -> torch.Tensor:
     """|W_ij| * ||x_j||: a weight matters when it is large or meets large activations (Wanda,
-    Sun et al. 2023). The activation norm comes from calibration data."""
-    norm = input_sum_of_squares.to(device=weight.device, dtype=torch.float32).sqrt()
+    Sun et al. 2023). The activation norm comes from calibration data (sum of squares or Gram)."""
+    norm = sum_of_squares(input_stat).to(device=weight.device, dtype=torch.float32).sqrt()
     return weight.detach().abs().float() * norm.unsqueeze(0)
 
 

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from ..quant.modules import is_linear, linear_weight
+from ..quant.primitives import dequantize
 
 
 @dataclass(frozen=True)
@@ -45,19 +46,11 @@ class PruneReport:
 
 
 def _zero_share(module: nn.Module) -> tuple[tuple[int, int], float]:
-    q = getattr(module, "qweight", None)
-    if isinstance(q, torch.Tensor) and q.dim() == 2:
-        zp = getattr(module, "zero_point", None)
-        if isinstance(zp, torch.Tensor) and zp.numel():
-            # per-channel (out,) or per-group (out, groups) zero points: expand to the weight's shape
-            zp = zp.reshape(q.shape[0], -1).repeat_interleave(q.shape[1] // zp.reshape(q.shape[0], -1).shape[1], 1)
-            zeros = (q == zp.to(q.dtype)).float().mean()
-        else:
-            zeros = (q == 0).float().mean()
-        return tuple(q.shape), float(zeros)
-    from .semi_sparse import dense_weight  # a 2:4 sparse-tensor-core weight (GPU) is read back dense
-
-    w = dense_weight(linear_weight(module))
+    if hasattr(module, "quantized_weight"):  # INT8: a weight is zero where it equals its zero point
+        w = dequantize(module.quantized_weight())
+    else:
+        from .semi_sparse import dense_weight  # a 2:4 sparse-tensor-core weight (GPU) is read back dense
+        w = dense_weight(linear_weight(module))
     return tuple(w.shape), float((w == 0).float().mean())
 
 

@@ -20,10 +20,11 @@ from torch import nn
 
 from ..config import PruneConfig
 from ..errors import InvalidOptionError, UnsupportedArchitectureError
-from ..integrations.transformers import ArchitectureSpec
-from ..parallel.layout import ShardSpec, _width
+from ..integrations.transformers import ArchitectureSpec, block_module, block_sizes
+from ..parallel.layout import ShardSpec
 from ..parallel.tensor import slice_module
 from ..quant.modules import linear_weight
+from .masks import sum_of_squares
 
 MLP_IN, MLP_OUT = ("gate", "up", "gate_up", "fc_in"), ("down", "fc_out")
 ATTN_IN, ATTN_OUT = ("q", "k", "v", "qkv"), ("o",)
@@ -53,30 +54,13 @@ def _kept(total: int, share: float) -> int:
     return max(1, min(total, keep))
 
 
-def _block(model: nn.Module, spec: ArchitectureSpec, index: int, role: str) -> nn.Module | None:
-    path = spec.roles.get(role)
-    return None if path is None else model.get_submodule(f"{spec.layers}.{index}.{path}")
-
-
-def head_counts(model: nn.Module, spec: ArchitectureSpec) -> tuple[int, int, int]:
-    """(query heads, KV heads, head_dim) of every layer, from the config and the attention module."""
-    config = model.config
-    heads = int(getattr(config, "num_attention_heads", None) or config.n_head)
-    kv = int(getattr(config, "num_key_value_heads", None) or heads)
-    attn = _block(model, spec, 0, "attention")
-    head_dim = int(getattr(attn, "head_dim", 0) or getattr(config, "head_dim", 0) or config.hidden_size // heads)
-    return heads, kv, head_dim
-
-
 def plan_shrink(model: nn.Module, spec: ArchitectureSpec | None, cfg: PruneConfig) -> Shrink:
     """The sizes structured pruning leaves; refuses what the architecture cannot express."""
     if spec is None or "mlp" not in spec.shrink_config:
         raise UnsupportedArchitectureError(
             f"structured pruning needs a role table with config sizes; {getattr(model.config, 'model_type', '?')!r} "
             "has none. Use prune='magnitude' or 'wanda' (masks), which work on any model.")
-    out = _block(model, spec, 0, "down") or _block(model, spec, 0, "fc_out")
-    inter = _width(out, "in")
-    heads, kv, head_dim = head_counts(model, spec)
+    heads, kv, head_dim, inter = block_sizes(model, spec)
     if cfg.heads > 0 and "kv_heads" not in spec.shrink_config:
         raise UnsupportedArchitectureError(
             f"{spec.family} derives its head size from hidden_size / heads, so removing heads would change it; "
@@ -158,14 +142,14 @@ def _scores(out_proj: nn.Module, in_projs: list[nn.Module], stats: torch.Tensor 
             limit: int | None = None) -> torch.Tensor:
     """Importance of each input channel of an output projection (down, o).
 
-    With calibration statistics (sum of x_j^2 over the calibration tokens): ||x_j|| * ||W[:, j]||,
+    With calibration statistics (sum of x_j^2 over the calibration tokens, or their Gram matrix):
+    ||x_j|| * ||W[:, j]||,
     the size of that channel's contribution to the layer's output. Without: ||W[:, j]|| times the
     norm of the input-side rows that produce the channel.
     """
     cols = _column_norms(out_proj).cpu()
     if stats is not None:
-        ss = torch.diagonal(stats) if stats.dim() == 2 else stats  # a Gram matrix's diagonal: sum of x^2
-        return ss.float().cpu().sqrt() * cols
+        return sum_of_squares(stats).float().cpu().sqrt() * cols
     return _in_side(in_projs, cols.numel(), limit) * cols
 
 
@@ -199,8 +183,8 @@ def _top(scores: torch.Tensor, keep: int) -> torch.Tensor:
 def _shrink_mlp(model: nn.Module, spec: ArchitectureSpec, i: int, shrink: Shrink, stats: dict) -> str:
     prefix = f"{spec.layers}.{i}."
     out_role = "down" if "down" in spec.roles else "fc_out"
-    out = _block(model, spec, i, out_role)
-    ins = {r: _block(model, spec, i, r) for r in MLP_IN if r in spec.roles}
+    out = block_module(model, spec, out_role, i)
+    ins = {r: block_module(model, spec, r, i) for r in MLP_IN if r in spec.roles}
     width = shrink.mlp[0]
     gram = stats.get(prefix + spec.roles[out_role])
     keep = _top(_scores(out, list(ins.values()), gram), shrink.mlp[1])
@@ -214,8 +198,8 @@ def _shrink_attention(model: nn.Module, spec: ArchitectureSpec, i: int, shrink: 
     prefix = f"{spec.layers}.{i}."
     heads, kv, hd = shrink.heads[0], shrink.kv_heads[0], shrink.head_dim
     group = heads // kv
-    o = _block(model, spec, i, "o")
-    q_side = [_block(model, spec, i, "q" if "q" in spec.roles else "qkv")]
+    o = block_module(model, spec, "o", i)
+    q_side = [block_module(model, spec, "q" if "q" in spec.roles else "qkv", i)]
     gram = stats.get(prefix + spec.roles["o"])
     channel = _scores(o, q_side, gram, limit=heads * hd)
     groups = _top(channel.reshape(kv, group * hd).sum(dim=1), shrink.kv_heads[1])
@@ -225,10 +209,10 @@ def _shrink_attention(model: nn.Module, spec: ArchitectureSpec, i: int, shrink: 
         _slice(q_side[0], "out", _runs(qch) + _runs(kvch, heads * hd) + _runs(kvch, (heads + kv) * hd))
     else:
         _slice(q_side[0], "out", _runs(qch))
-        _slice(_block(model, spec, i, "k"), "out", _runs(kvch))
-        _slice(_block(model, spec, i, "v"), "out", _runs(kvch))
+        _slice(block_module(model, spec, "k", i), "out", _runs(kvch))
+        _slice(block_module(model, spec, "v", i), "out", _runs(kvch))
     _refit(o, gram, qch)
-    attn = _block(model, spec, i, "attention")
+    attn = block_module(model, spec, "attention", i)
     values = {"heads": shrink.heads[1], "kv_heads": shrink.kv_heads[1], "width": shrink.heads[1] * hd}
     for attr, what in spec.tp_attention.items():  # module attributes that hold head counts
         if not attr.startswith("config."):
