@@ -461,3 +461,13 @@ def test_a_nan_weight_is_refused_before_anything_is_pruned(prune):
     assert before.keys() == after.keys()
     assert all(torch.equal(before[k].nan_to_num(7.0), after[k].nan_to_num(7.0)) for k in before)
     assert not hasattr(model, "hetero_prune") and model.config.intermediate_size == 128
+
+
+@pytest.mark.parametrize("data", ["raw text, not token ids", [torch.randn(1, 8)], []])
+def test_bad_calibration_data_for_wanda_is_a_typed_error_and_nothing_is_pruned(data):
+    model = _llama_for_refusal()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(InvalidOptionError, match="calibration"):
+        hetero_llm.accelerate(model, prune="wanda", quantize="none", calibration_data=data)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not hasattr(model, "hetero_prune")
