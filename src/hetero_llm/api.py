@@ -11,6 +11,7 @@ from .config import Options
 from .errors import (AlreadyAcceleratedError, ForeignQuantizationError, HardwareError, HeteroLLMWarning,
                      InvalidOptionError, MetaDeviceError, NotAModelError, PlanMismatchError)
 from .hardware import Hardware, hardware_profile, inspect_hardware
+from .decode import decode_pass
 from .kernels.apply import kernels_pass
 from .parallel.placement import attach_placement, place_pass
 from .parallel.checkpoint import load_shard
@@ -30,7 +31,8 @@ from .quant.calibrate import activation_absmax
 # the result for this rank of the job.
 # "sparse" (2:4 weights the plan puts on sparse tensor cores) comes last: it needs the weights on
 # their GPU, and after "kernels" has concatenated q/k/v and gate/up, whose fused weight it converts.
-PASSES = (("place", place_pass), ("kernels", kernels_pass), ("sparse", semi_sparse_pass))
+# "decode" binds generate() and forward() on the instance last, once every module is in place.
+PASSES = (("place", place_pass), ("kernels", kernels_pass), ("sparse", semi_sparse_pass), ("decode", decode_pass))
 
 
 def _check_model(model: Any) -> None:

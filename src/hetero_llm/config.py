@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import re
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 from .errors import InvalidOptionError
@@ -359,18 +359,25 @@ class KernelConfig(_Config):
     cannot run; on CPU they run only under TRITON_INTERPRET=1, slowly, for debugging) or
     "torch" (torch ops only). fuse_projections: compute q/k/v (and gate/up) as one matmul.
     fuse_norms: replace RMSNorm's several ops with one fused kernel.
+    decode: how generate() decodes one token per step (Llama-style families): "cuda_graph" (a
+    static KV cache and hetero_llm's decode step, captured once per batch size and cache length
+    as a CUDA graph; GPU only), "static" (the same step and cache, run eagerly), "transformers"
+    (transformers' own generate loop, untouched) or "auto" (the fastest that applies here).
     """
 
     backend: str = "auto"
     fuse_projections: bool = True
     fuse_norms: bool = True
+    decode: str = "auto"
     version: int = CONFIG_VERSION
 
     BACKENDS = ("auto", "triton", "torch")
+    DECODE = ("auto", "cuda_graph", "static", "transformers")
     LATER = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "backend", _choice("kernels", self.backend, self.BACKENDS, self.LATER))
+        object.__setattr__(self, "decode", _choice("KernelConfig.decode", self.decode, self.DECODE, ()))
         _bool("KernelConfig.fuse_projections", self.fuse_projections)
         _bool("KernelConfig.fuse_norms", self.fuse_norms)
 
@@ -427,7 +434,7 @@ class PlacementConfig(_Config):
 
 _SHORTCUT_FIELD = {"quantize": (QuantConfig, "scheme"), "prune": (PruneConfig, "method"),
                    "kernels": (KernelConfig, "backend")}
-OPTION_NAMES = ("quantize", "prune", "kernels", "device", "tp", "pp", "max_memory", "device_map",
+OPTION_NAMES = ("quantize", "prune", "kernels", "decode", "device", "tp", "pp", "max_memory", "device_map",
                 "vocab_parallel", "micro_batches", "timeout_s", "batch_size", "prompt_len")
 
 
@@ -476,6 +483,8 @@ class Options(_Config):
             else:
                 raise InvalidOptionError(
                     f"{name} must be a string or a {config_cls.__name__}; got {type(value).__name__}")
+        if options.get("decode") is not None:  # shortcut for KernelConfig(decode=...)
+            built["kernels"] = replace(built["kernels"], decode=options["decode"])
         device = options.get("device")
         built["placement"] = PlacementConfig(device="auto" if device is None else device,
                                              tp=options.get("tp", 1), pp=options.get("pp", 1),

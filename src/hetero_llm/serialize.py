@@ -30,6 +30,7 @@ from torch import nn
 from ._version import __version__
 from .errors import DistributedError, HardwareError, HeteroLLMError, ModelLoadError, PlanMismatchError
 from .planner.plan import Plan
+from .decode import decode_pass
 from .prune.semi_sparse import dense_weight, semi_sparse_pass
 
 FORMAT = "hetero_llm"
@@ -220,6 +221,7 @@ def load(path: str | os.PathLike) -> nn.Module:
     from .parallel.placement import place_pass
     place_pass(model, plan)
     model.hetero_replaced = list(model.hetero_replaced) + semi_sparse_pass(model, plan)  # after placement
+    model.hetero_replaced += decode_pass(model, plan)  # binds generate()/forward() on the finished model
     model.eval()
     model.hetero_plan = plan
     return model

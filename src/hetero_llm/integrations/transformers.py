@@ -42,6 +42,9 @@ class ArchitectureSpec:
     # "rotary": Llama-style attention (fused qkv, rotary from position_embeddings,
     # SDPA) that may be replaced whole by kernels.modules.RotaryAttention.
     attention_style: str | None = None
+    # The module that turns position ids into rotary (cos, sin) tables, shared by all layers
+    # (hetero_llm.decode's step calls it once per token).
+    rotary_embedding: str | None = None
     # Tensor parallel: attention attributes that hold head counts, set to a rank's local
     # "heads", "kv_heads" or "width" (heads x head_dim). "config.X" overrides X in a per-module
     # view of the config, for attention code that reads the model config.
@@ -69,7 +72,8 @@ def _llama_like(family: str, model_types: tuple[str, ...], **kw) -> Architecture
     return ArchitectureSpec(family=family, model_types=model_types, layers="model.layers",
                             roles=dict(_LLAMA_BLOCK), model_roles=dict(_LLAMA_MODEL),
                             fusions=_LLAMA_FUSIONS, gated_mlp_act="act_fn",
-                            attention_style="rotary", shrink_config=dict(_LLAMA_SHRINK), **kw)
+                            attention_style="rotary", rotary_embedding="model.rotary_emb",
+                            shrink_config=dict(_LLAMA_SHRINK), **kw)
 
 
 ARCHITECTURES: tuple[ArchitectureSpec, ...] = (

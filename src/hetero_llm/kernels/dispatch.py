@@ -34,14 +34,27 @@ def _decode_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s
 
 
 def attend(backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-           scale: float, causal: bool = True) -> torch.Tensor:
+           scale: float, causal: bool = True, cache_lens: torch.Tensor | int | None = None) -> torch.Tensor:
     """Attention of new tokens q (b, h, s, d) against the cache k/v (b, hk, S, d).
 
     `mask` is transformers' (bool or additive, broadcastable to (b, h, s, S)) and then holds
     the causal pattern itself. None means the model found it could skip it; for a causal
     model a single token then sees the whole cache, and a prompt is causal from the first key
     (as SDPA's is_causal: an empty static cache holds S > s slots, all after the prompt).
+
+    `cache_lens` (one token per sequence, no mask): sequence b attends the first cache_lens[b]
+    keys of a static cache, an int or an integer tensor (b,) on the cache's device. The decode
+    step of `hetero_llm.decode` passes it: a length held on the GPU needs no host sync, so the
+    step can be captured in a CUDA graph.
     """
+    if cache_lens is not None and mask is None and q.shape[2] == 1:
+        if q.device.type == "cpu" and isinstance(cache_lens, torch.Tensor) \
+                and int(cache_lens.min()) == int(cache_lens.max()):  # values on the host: free to read
+            n = int(cache_lens.max())
+            return _decode_attention_torch(q, k[:, :, :n], v[:, :, :n], scale)
+        from .decode_attention import decode_attention, decode_attention_torch
+        run = decode_attention if use_triton(backend, q) else decode_attention_torch
+        return run(q, k, v, cache_lens, scale=scale)
     s, h, hk = q.shape[2], q.shape[1], k.shape[1]
     causal = causal and mask is None and s > 1
     if causal and k.shape[2] > s:

@@ -96,6 +96,8 @@ class RotaryAttention(nn.Module):
 
     `residual`, when given, is added to the output projection (inside its matmul on the Triton
     path): the decoder layer's forward bound by `bind_fused_decoder_layer` passes it.
+    `cache_lens` (from `hetero_llm.decode`'s step): how many static-cache keys each sequence
+    attends, in place of a mask.
     """
 
     def __init__(self, attn: nn.Module, qkv: nn.Module, num_heads: int, num_kv_heads: int,
@@ -111,7 +113,7 @@ class RotaryAttention(nn.Module):
         self.backend = backend
 
     def forward(self, hidden_states: torch.Tensor, position_embeddings=None, attention_mask=None,
-                past_key_values=None, residual: torch.Tensor | None = None, **kwargs):
+                past_key_values=None, residual: torch.Tensor | None = None, cache_lens=None, **kwargs):
         b, s, _ = hidden_states.shape
         h, hk = self.num_heads, self.num_kv_heads
         qkv = self.qkv(hidden_states).view(b, s, h + 2 * hk, self.head_dim).transpose(1, 2)
@@ -122,7 +124,7 @@ class RotaryAttention(nn.Module):
         v = qkv[:, h + hk:]
         if past_key_values is not None:
             k, v = past_key_values.update(k, v, self.layer_idx)
-        out = attend(self.backend, q, k, v, attention_mask, self.scaling)
+        out = attend(self.backend, q, k, v, attention_mask, self.scaling, cache_lens=cache_lens)
         return project_add(self.backend, self.o_proj, out.transpose(1, 2).reshape(b, s, -1), residual), None
 
     def extra_repr(self) -> str:

@@ -23,6 +23,7 @@ from .parallel import check_parallel, plan_parallel
 from .placement import split_for_budget
 from .predict import DTYPE_BYTES, predict, quant_bytes
 from .profile import ModuleProfile, profile_model
+from .decoding import choose_decode
 from .pruning import mark_pruning
 from ..prune.structured import plan_shrink, pruned_view
 
@@ -287,6 +288,9 @@ def make_plan(model: nn.Module, hardware: Hardware, options: Options, *, strict:
     if hasattr(model, "set_attn_implementation"):
         settings["attn_implementation"] = "hetero_llm" if backend == "triton" else "sdpa"
     settings["kernels"] = backend
+    multi_device = parallel is not None or bool(device_map) or bool(offload)
+    settings["decode"], decode_note = choose_decode(model, spec, options, device, fusions, multi_device)
+    notes.append(decode_note)
     return Plan(model_type=model_type_of(model), family=spec.family if spec else None, device=device,
                 hardware=hardware.to_dict(), options=options.to_dict(), entries=tuple(ordered),
                 fusions=tuple(fusions), model_settings=settings,

@@ -1,0 +1,257 @@
+"""generate() with a static KV cache and a captured decode step, on the model instance.
+
+`install` binds two methods on the model instance (its class is untouched):
+
+- `generate`: when the call can take it (greedy or sampling, one sequence per prompt, no
+  padding, no cache of the caller's), checks out a *session* (a transformers StaticCache sized
+  for the call, and the decode step captured for it) and passes its cache to transformers'
+  own generate(), which therefore runs unchanged: logits processors, stopping criteria,
+  streamers all work. Other calls go to generate() as they are.
+- `forward`: a call with a session's cache and one token per sequence runs the session's step
+  (a CUDA-graph replay on the GPU); everything else, the prefill included, is the model's
+  own forward.
+
+Sessions are pooled per (batch size, cache length rounded up to CAPACITY_STEP), so the next
+generate() of that shape reuses the cache and the graph: capture (the "warm-up") happens once
+per shape, and `report()` says how long it took. A session serves one call at a time: threads
+calling generate() at once get different sessions.
+"""
+from __future__ import annotations
+
+import copy
+import threading
+import types
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..errors import HeteroLLMWarning
+from ..integrations.transformers import ArchitectureSpec
+from .step import DecodeStep
+
+CAPACITY_STEP = 256  # cache lengths are rounded up to this, so nearby lengths share a session
+MAX_SESSIONS = 4  # caches (and graphs) kept between calls; the least recently used goes first
+
+
+def _session_cache_class():
+    from transformers import StaticCache
+
+    class SessionCache(StaticCache):
+        """A StaticCache that transformers does not compile around: the session captures the
+        decode step itself, and generate() then passes the plain 2-D mask (no per-step 4-D
+        mask for a step that does not read it)."""
+
+        @property
+        def is_compileable(self) -> bool:
+            return False
+
+    return SessionCache
+
+
+@dataclass
+class Session:
+    """One static cache and the decode step (captured or eager) that runs against it."""
+
+    batch: int
+    capacity: int
+    cache: object
+    device: torch.device
+    dtype: torch.dtype
+    step: DecodeStep | None = None
+    captured: object = None  # graph.CapturedStep, once the first decode step ran
+    graph_failed: str | None = None
+
+    @property
+    def prefilled(self) -> bool:
+        return bool(getattr(self.cache.layers[0], "is_initialized", False))
+
+
+@dataclass
+class DecodeStats:
+    warmup_s: list = field(default_factory=list)  # one entry per captured graph
+    graphs: int = 0
+    graph_steps: int = 0
+    eager_steps: int = 0
+    sessions_created: int = 0
+    fallbacks: dict = field(default_factory=dict)  # reason -> generate() calls left to transformers
+
+
+class DecodeRunner:
+    """The sessions of one model and the choice between them and transformers' own path."""
+
+    def __init__(self, model: nn.Module, spec: ArchitectureSpec, use_graphs: bool) -> None:
+        self.model, self.spec, self.use_graphs = model, spec, use_graphs
+        self.stats = DecodeStats()
+        self._lock = threading.Lock()
+        self._free: list[Session] = []  # most recently used last
+        self._busy: dict[int, Session] = {}  # id(cache) -> session, while a generate() holds it
+
+    def __deepcopy__(self, memo):
+        # A copied model gets its own sessions (caches and graphs belong to the original's weights).
+        return DecodeRunner(copy.deepcopy(self.model, memo), self.spec, self.use_graphs)
+
+    # -- sessions ----------------------------------------------------------------------------
+
+    def checkout(self, batch: int, length: int) -> Session | None:
+        weight = next(self.model.parameters())
+        capacity = -(-length // CAPACITY_STEP) * CAPACITY_STEP
+        with self._lock:
+            self._free = [s for s in self._free if (s.device, s.dtype) == (weight.device, weight.dtype)]
+            fits = [s for s in self._free if s.batch == batch and s.capacity >= length]
+            if fits:
+                session = min(fits, key=lambda s: s.capacity)
+                self._free.remove(session)
+            elif len(self._free) + len(self._busy) < MAX_SESSIONS or self._free:
+                if len(self._free) + len(self._busy) >= MAX_SESSIONS:
+                    self._free.pop(0)  # the least recently used cache and its graph are freed
+                cache = _session_cache_class()(config=self.model.config, max_cache_len=capacity)
+                session = Session(batch, capacity, cache, weight.device, weight.dtype)
+                self.stats.sessions_created += 1
+            else:
+                return None
+            self._busy[id(session.cache)] = session
+        session.cache.reset()
+        return session
+
+    def release(self, session: Session, keep: bool = True) -> None:
+        """Back to the pool; `keep=False` when the caller now holds its cache (it is not reused)."""
+        with self._lock:
+            self._busy.pop(id(session.cache), None)
+            if keep:
+                self._free.append(session)
+
+    def session_of(self, cache) -> Session | None:
+        session = self._busy.get(id(cache))
+        return session if session is not None and session.cache is cache else None
+
+    def clear(self) -> None:
+        """Free every idle cache and graph (their GPU memory goes back to torch's allocator)."""
+        with self._lock:
+            self._free.clear()
+
+    # -- one decode step ----------------------------------------------------------------------
+
+    def decode(self, session: Session, input_ids: torch.Tensor) -> torch.Tensor:
+        if session.step is None:
+            session.step = DecodeStep(self.model, self.spec, session.cache, session.batch)
+        session.step.ids.copy_(input_ids)
+        if session.captured is not None:
+            self.stats.graph_steps += 1
+            return session.captured.replay()
+        if self.use_graphs and session.graph_failed is None and session.device.type == "cuda":
+            return self._capture(session)
+        self.stats.eager_steps += 1
+        return session.step()
+
+    def _capture(self, session: Session) -> torch.Tensor:
+        from .graph import CapturedStep
+
+        captured = CapturedStep(session.step)
+        try:
+            logits = captured.first()
+        except Exception as e:  # noqa: BLE001 - any capture failure leaves the eager step, which works
+            session.graph_failed = f"{type(e).__name__}: {e}"
+            warnings.warn(f"hetero_llm could not capture the decode step as a CUDA graph ({session.graph_failed}); "
+                          "this cache shape decodes without one (slower, same results).", HeteroLLMWarning,
+                          stacklevel=4)
+            torch.cuda.synchronize()
+            self.stats.eager_steps += 1
+            return session.step()
+        session.captured = captured
+        self.stats.graphs += 1
+        self.stats.warmup_s.append(captured.warmup_s)
+        return logits
+
+    def report(self) -> dict:
+        s = self.stats
+        with self._lock:
+            idle = [(x.batch, x.capacity) for x in self._free]
+        return dict(mode="cuda_graph" if self.use_graphs else "static", graphs=s.graphs,
+                    warmup_s=list(s.warmup_s), graph_steps=s.graph_steps, eager_steps=s.eager_steps,
+                    sessions_created=s.sessions_created, idle_sessions=idle, fallbacks=dict(s.fallbacks))
+
+    def note_fallback(self, reason: str) -> None:
+        with self._lock:
+            self.stats.fallbacks[reason] = self.stats.fallbacks.get(reason, 0) + 1
+
+
+# -- the methods bound on the model ------------------------------------------------------------
+
+def _decode_forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                    inputs_embeds=None, use_cache=None, **kwargs):
+    runner: DecodeRunner = self.hetero_decode
+    session = runner.session_of(past_key_values) if past_key_values is not None else None
+    if (session is not None and inputs_embeds is None and input_ids is not None and session.prefilled
+            and tuple(input_ids.shape) == (session.batch, 1) and not kwargs.get("output_attentions")
+            and not kwargs.get("output_hidden_states") and kwargs.get("labels") is None):
+        from transformers.modeling_outputs import CausalLMOutputWithPast
+
+        return CausalLMOutputWithPast(logits=runner.decode(session, input_ids), past_key_values=past_key_values)
+    return type(self).forward(self, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                              past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+                              **kwargs)
+
+
+def _decode_generate(self, inputs=None, generation_config=None, **kwargs):
+    runner: DecodeRunner = self.hetero_decode
+    plain = type(self).generate
+    input_ids = inputs if inputs is not None else kwargs.get("input_ids")
+    why, length = why_not_session(self, input_ids, generation_config, kwargs)
+    session = None if why else runner.checkout(input_ids.shape[0], length)
+    if session is None:
+        runner.note_fallback(why or f"more than {MAX_SESSIONS} generate() calls at once")
+        return plain(self, inputs, generation_config=generation_config, **kwargs)
+    kwargs["past_key_values"] = session.cache
+    keep = True
+    try:
+        out = plain(self, inputs, generation_config=generation_config, **kwargs)
+        keep = getattr(out, "past_key_values", None) is not session.cache  # returned: the caller owns it now
+        return out
+    except BaseException:
+        keep = False  # the cache may hold a half-written step
+        raise
+    finally:
+        runner.release(session, keep)
+
+
+def why_not_session(model: nn.Module, input_ids, generation_config, kwargs: dict) -> tuple[str | None, int]:
+    """(reason this generate() call goes to transformers unchanged, or None; cache length it needs)."""
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.long:
+        return "inputs are not a (batch, length) tensor of token ids", 0
+    for name in ("past_key_values", "inputs_embeds", "assistant_model", "prompt_lookup_num_tokens"):
+        if kwargs.get(name) is not None:
+            return f"{name} given", 0
+    config = copy.deepcopy(generation_config if generation_config is not None else model.generation_config)
+    config.update(**{k: v for k, v in kwargs.items() if hasattr(config, k)})
+    if (config.num_beams or 1) != 1 or (config.num_return_sequences or 1) != 1:
+        return "beam search or several sequences per prompt", 0
+    if config.cache_implementation is not None or config.use_cache is False:
+        return "a cache implementation chosen by the caller", 0
+    if input_ids.device != next(model.parameters()).device:
+        return "inputs on another device than the model", 0
+    mask = kwargs.get("attention_mask")
+    if mask is not None and not bool(mask.all()):
+        return "padding (a batch of prompts of different lengths)", 0
+    pad = config.pad_token_id
+    if mask is None and pad is not None and bool((input_ids == pad).any()):
+        return "padding (a batch of prompts of different lengths)", 0
+    # max_length counts the prompt, but transformers reads an unset one as 20 *new* tokens:
+    # input + max_length covers both (a longer cache costs memory, never time).
+    new = config.max_new_tokens if config.max_new_tokens is not None else (config.max_length or 20)
+    return None, input_ids.shape[1] + max(int(new), 1)
+
+
+def install(model: nn.Module, spec: ArchitectureSpec, use_graphs: bool) -> DecodeRunner:
+    """Bind the session-aware generate() and forward() on this model instance."""
+    runner = DecodeRunner(model, spec, use_graphs)
+    model.hetero_decode = runner
+    model.forward = types.MethodType(_decode_forward, model)
+    model.generate = types.MethodType(_decode_generate, model)
+    return runner
+
+
+def uninstall(model: nn.Module) -> None:
+    for name in ("forward", "generate", "hetero_decode"):
+        model.__dict__.pop(name, None)
