@@ -25,13 +25,14 @@ LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32
                  rms_norm_eps=1e-5, tie_word_embeddings=False)
 
 
-def build(layers: int):
+def build(layers: int, shape: dict = LLAMA3_8B, device: str = "cuda", dtype: torch.dtype = torch.bfloat16):
+    """A Llama model of `shape` with `layers` decoder layers, random weights (seed 0), built on `device`."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    cfg = LlamaConfig(**{**LLAMA3_8B, "num_hidden_layers": layers})
+    cfg = LlamaConfig(**{**shape, "num_hidden_layers": layers})
     torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.bfloat16, attn_implementation="sdpa")
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation="sdpa")
     return model.eval()
 
 

@@ -49,7 +49,11 @@ def test_kernel_benchmark_functions_run_and_summarize():
 
 
 def test_benchmark_scripts_say_so_without_a_gpu():
-    for script in ("kernels.py", "e2e_prefill_gpu.py", "gpu_int8_linear.py"):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here: the scripts would run the full benchmarks")
+    for script in ("kernels.py", "e2e_prefill_gpu.py", "gpu_int8_linear.py", "e2e_gpu.py"):
         proc = subprocess.run([sys.executable, f"benchmarks/{script}"], cwd=REPO, capture_output=True, text=True,
                               timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
@@ -79,3 +83,50 @@ def test_split_benchmark_says_so_without_a_gpu():
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "No CUDA GPU here" in proc.stdout
+
+
+E2E_SIDES = ("eager", "static+compile", "hetero bf16", "hetero int8")
+
+
+def _e2e_smoke(tmp_path, *models: str) -> tuple[dict, str]:
+    out = tmp_path / "e2e.json"
+    cmd = [sys.executable, "benchmarks/e2e_gpu.py", "--smoke", "--json", str(out)]
+    proc = subprocess.run(cmd + (["--models", ",".join(models)] if models else []), check=False, cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(out.read_text()), proc.stdout
+
+
+def test_e2e_benchmark_smoke_times_every_side_and_batch(tmp_path):
+    """benchmarks/e2e_gpu.py --smoke: the four sides on a tiny random Llama on the CPU (prompt 16, 4 new
+    tokens, batches 1 and 2, 2 rounds), perplexity on a slice; the JSON and summary a GPU run writes."""
+    result, stdout = _e2e_smoke(tmp_path)
+    rows = {(r["batch"], r["side"]): r for r in result["rows"]}
+    assert set(rows) == {(b, s) for b in (1, 2) for s in E2E_SIDES}
+    assert all(r["model"] == "tiny" for r in result["rows"])
+    for r in rows.values():
+        assert r["tok_s"] > 0 and r["ttft_ms"] > 0 and r["warmup_s"] > 0, r
+        assert len(r["same_tokens"]) == len(r["same_prefix"]) == r["batch"]
+        assert all(0.0 <= f <= 1.0 for f in r["same_tokens"]) and all(0 <= n <= 4 for n in r["same_prefix"])
+        assert (r["roofline"] is not None) == (r["batch"] == 1)
+        assert r["peak_gb"] is None  # GPU memory: not measured on the CPU
+    assert rows[(2, "eager")]["same_tokens"] == [1.0, 1.0] and rows[(1, "eager")]["vs_eager"] == 1.0
+    assert rows[(1, "hetero int8")]["weight_gb"] < rows[(1, "hetero bf16")]["weight_gb"]
+    assert set(result["perplexity"]["tiny"]) == {"eager", "hetero bf16", "hetero int8"}
+    assert {"torch", "triton", "transformers"} <= set(result["versions"]) and result["copy_gbps"] > 0
+    assert len(result["summary"]) == 6
+    for line in result["summary"]:
+        assert line.split()[0] in ("MET", "MISSED") and line in stdout
+    assert "without torch.compile" in stdout and "Targets (issue 8" in stdout
+
+
+def test_e2e_benchmark_smoke_loads_smollm2(tmp_path):
+    """The SmolLM2 path of benchmarks/e2e_gpu.py (load, four sides, perplexity with its tokenizer), on the CPU."""
+    result, _ = _e2e_smoke(tmp_path, "smollm2")
+    if "smollm2" in result["skipped"]:
+        pytest.skip(result["skipped"]["smollm2"])
+    assert {(r["batch"], r["side"]) for r in result["rows"]} == {(b, s) for b in (1, 2) for s in E2E_SIDES}
+    ppl = result["perplexity"]["smollm2"]
+    assert ppl["hetero bf16"] == pytest.approx(ppl["eager"], rel=1e-3)  # fp32 on the CPU: the same model
+    assert ppl["hetero int8"] == pytest.approx(ppl["eager"], rel=0.05)
+    assert result["summary"][0].startswith("MISSED not measured")  # the targets are read on the 8B shape

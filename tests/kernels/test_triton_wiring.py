@@ -90,13 +90,34 @@ def test_greedy_generate_matches_with_left_padding(model_type, calls):
 @runs_kernels
 @pytest.mark.parametrize("model_type", ["llama", "gemma", "gpt2"])
 def test_unpadded_decode_uses_split_kv_and_static_cache_works(model_type, calls):
-    ref, ours = pair(model_type)
+    ref, ours = pair(model_type, decode="transformers")  # every step through the launchers, to count them
     x = ids(b=2, s=8, seed=2)
     kw = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
     assert torch.equal(ours.generate(x, **kw), ref.generate(x, **kw))
     assert calls["decode_attention_triton"] >= 4 * 2  # tokens after the first x layers
     want = ref.generate(x, cache_implementation="static", **kw)
     assert torch.equal(ours.generate(x, cache_implementation="static", **kw), want)
+
+
+@runs_kernels
+@pytest.mark.parametrize("quantize", ["none", "int8"])
+def test_static_decode_step_with_triton_kernels(quantize, calls):
+    """hetero_llm.decode's step (a CUDA graph on the GPU) on the Triton-wired blocks: the fused
+    layer forward hands the cache lengths to the split-KV kernel."""
+    ref, ours = pair("llama", quantize=quantize, decode="static")
+    x = ids(b=2, s=8, seed=3)
+    kw = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False)
+    want = hetero_llm.accelerate(copy.deepcopy(ref), quantize=quantize, kernels="triton", device=DEVICE.type,
+                                 decode="transformers").generate(x, **kw)
+    assert torch.equal(ours.generate(x, **kw), want)
+    assert ours.hetero_decode.report()["eager_steps"] == 4
+    assert calls["rms_norm_triton"] > 0
+    if ON_GPU:  # the interpreter's CPU tensors take the torch decode path
+        assert calls["decode_attention_triton"] >= 4 * 2
+        graph = hetero_llm.accelerate(copy.deepcopy(ref), quantize=quantize, kernels="triton", device="cuda",
+                                      decode="cuda_graph")
+        assert torch.equal(graph.generate(x, **kw), want)
+        assert graph.hetero_decode.report()["graphs"] == 1
 
 
 @runs_kernels

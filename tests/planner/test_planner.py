@@ -94,7 +94,7 @@ def test_roles_and_fusions_llama():
     assert attn.action == "swap" and attn.kernel == "sdpa+rotary"
     for name in ("model.layers.0.input_layernorm", "model.norm"):
         assert p.entry(name).action == "swap" and p.entry(name).kernel == "torch-rms_norm"
-    assert p.model_settings == {"attn_implementation": "sdpa", "kernels": "torch"}
+    assert p.model_settings == {"attn_implementation": "sdpa", "kernels": "torch", "decode": "transformers"}
 
 
 def test_opt_fuses_qkv_and_keeps_layernorm():
@@ -261,7 +261,9 @@ def test_70b_plans_quickly_on_meta(llama_70b, hardware):
 @pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "gemma"])
 def test_gpu_plan_uses_triton_kernels_and_fuses_residual_adds(model_type):
     p = hetero_llm.plan(build(model_type), hardware="h100-80gb")
-    assert p.model_settings == {"attn_implementation": "hetero_llm", "kernels": "triton"}
+    # Mistral's config has a sliding window by default: transformers' loop decodes it
+    decode = "transformers" if model_type == "mistral" else "cuda_graph"
+    assert p.model_settings == {"attn_implementation": "hetero_llm", "kernels": "triton", "decode": decode}
     norms = [e for e in p.entries if e.role in ("attn_norm", "mlp_norm", "final_norm")]
     assert norms and all(e.kernel == "triton-rms_norm" for e in norms)
     attn = [e for e in p.entries if e.role == "attention"]
@@ -292,7 +294,8 @@ def test_gpu_plan_routes_other_attention_through_the_interface(model_type):
 
 def test_kernels_torch_on_gpu_keeps_torch_ops():
     p = hetero_llm.plan(build("llama"), hardware="h100-80gb", kernels="torch")
-    assert p.model_settings == {"attn_implementation": "sdpa", "kernels": "torch"}
+    # the decode step runs torch's ops as well, captured as a CUDA graph all the same
+    assert p.model_settings == {"attn_implementation": "sdpa", "kernels": "torch", "decode": "cuda_graph"}
     assert not any(e.kernel.startswith("triton") for e in p.entries)
     assert not [f for f in p.fusions if f.kind == "decoder_layer"]
 

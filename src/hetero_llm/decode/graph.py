@@ -32,9 +32,12 @@ class CapturedStep:
         self.step = step
         self.graph: torch.cuda.CUDAGraph | None = None
         self.output: torch.Tensor | None = None
+        self.error: str | None = None
         self.warmup_s = 0.0
 
     def first(self) -> torch.Tensor:
+        """The eager step's result; the graph is in `self.graph`, or None with `self.error` when
+        capturing failed (the result is right either way: the capture itself runs nothing)."""
         start = time.perf_counter()
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
@@ -44,10 +47,14 @@ class CapturedStep:
             torch.cuda.current_stream().wait_stream(stream)
             result.record_stream(torch.cuda.current_stream())
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"):
-                output = self.step()
+            try:
+                with torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"):
+                    output = self.step()
+            except Exception as e:  # noqa: BLE001 - whatever stops a capture, the eager step still works
+                self.error = f"{type(e).__name__}: {e}"
+            else:
+                self.graph, self.output = graph, output
         torch.cuda.synchronize()
-        self.graph, self.output = graph, output
         self.warmup_s = time.perf_counter() - start
         return result
 

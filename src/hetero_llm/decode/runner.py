@@ -149,19 +149,18 @@ class DecodeRunner:
         from .graph import CapturedStep
 
         captured = CapturedStep(session.step)
-        try:
-            logits = captured.first()
-        except Exception as e:  # noqa: BLE001 - any capture failure leaves the eager step, which works
-            session.graph_failed = f"{type(e).__name__}: {e}"
-            warnings.warn(f"hetero_llm could not capture the decode step as a CUDA graph ({session.graph_failed}); "
+        logits = captured.first()  # this token's logits, from the eager step
+        if captured.graph is None:
+            session.graph_failed = captured.error
+            warnings.warn(f"hetero_llm could not capture the decode step as a CUDA graph ({captured.error}); "
                           "this cache shape decodes without one (slower, same results).", HeteroLLMWarning,
                           stacklevel=4)
-            torch.cuda.synchronize()
             self.stats.eager_steps += 1
-            return session.step()
+            return logits
         session.captured = captured
-        self.stats.graphs += 1
-        self.stats.warmup_s.append(captured.warmup_s)
+        with self._lock:
+            self.stats.graphs += 1
+            self.stats.warmup_s.append(captured.warmup_s)
         return logits
 
     def report(self) -> dict:
@@ -234,8 +233,11 @@ def why_not_session(model: nn.Module, input_ids, generation_config, kwargs: dict
     mask = kwargs.get("attention_mask")
     if mask is not None and not bool(mask.all()):
         return "padding (a batch of prompts of different lengths)", 0
-    pad = config.pad_token_id
-    if mask is None and pad is not None and bool((input_ids == pad).any()):
+    # Without a mask transformers reads pad tokens in the prompt as padding, unless the pad
+    # token is also the end-of-sequence token (chat templates put it inside prompts).
+    pad, eos = config.pad_token_id, config.eos_token_id
+    eos = set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
+    if mask is None and pad is not None and pad not in eos and bool((input_ids == pad).any()):
         return "padding (a batch of prompts of different lengths)", 0
     # max_length counts the prompt, but transformers reads an unset one as 20 *new* tokens:
     # input + max_length covers both (a longer cache costs memory, never time).
