@@ -145,12 +145,19 @@ def test_step_reads_no_tensor_value_on_the_host():
 
 def test_sessions_are_reused_per_batch_and_length():
     _, ours = pair()
+    out = ours.generate(ids(2, b=2), **GREEDY, return_dict_in_generate=True)
+    ours.hetero_decode.clear()
+    addresses = []
     for b in (2, 2, 1, 2):
         ours.generate(ids(b, b=b), **GREEDY)
+        session = next(s for s in ours.hetero_decode._free if s.batch == 2)
+        addresses.append(session.cache.layers[0].keys.data_ptr())
+    # a captured graph reads the cache where it was: reuse resets it in place
+    assert len(set(addresses)) == 1 and out.past_key_values.layers[0].keys.data_ptr() not in addresses
     r = ours.hetero_decode.report()
-    assert r["sessions_created"] == 2 and sorted(r["idle_sessions"]) == [(1, 256), (2, 256)]
+    assert r["sessions_created"] == 3 and sorted(r["idle_sessions"]) == [(1, 256), (2, 256)]
     ours.generate(ids(0, b=2, s=250), **GREEDY)  # 262 tokens: the next cache size
-    assert ours.hetero_decode.report()["sessions_created"] == 3
+    assert ours.hetero_decode.report()["sessions_created"] == 4
     assert (2, 512) in ours.hetero_decode.report()["idle_sessions"]
     ours.hetero_decode.clear()
     assert ours.hetero_decode.report()["idle_sessions"] == []

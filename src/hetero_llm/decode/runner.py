@@ -19,6 +19,7 @@ calling generate() at once get different sessions.
 from __future__ import annotations
 
 import copy
+import functools
 import threading
 import types
 import warnings
@@ -35,6 +36,7 @@ CAPACITY_STEP = 256  # cache lengths are rounded up to this, so nearby lengths s
 MAX_SESSIONS = 4  # caches (and graphs) kept between calls; the least recently used goes first
 
 
+@functools.lru_cache(maxsize=None)
 def _session_cache_class():
     from transformers import StaticCache
 
@@ -103,7 +105,7 @@ class DecodeRunner:
             if fits:
                 session = min(fits, key=lambda s: s.capacity)
                 self._free.remove(session)
-            elif len(self._free) + len(self._busy) < MAX_SESSIONS or self._free:
+            elif len(self._busy) < MAX_SESSIONS:
                 if len(self._free) + len(self._busy) >= MAX_SESSIONS:
                     self._free.pop(0)  # the least recently used cache and its graph are freed
                 cache = _session_cache_class()(config=self.model.config, max_cache_len=capacity)
