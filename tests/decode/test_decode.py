@@ -7,7 +7,6 @@ transformers' own loop. test_decode_gpu.py checks capture and replay on a GPU.
 from __future__ import annotations
 
 import copy
-import threading
 import warnings
 
 import pytest
@@ -19,6 +18,7 @@ from hetero_llm.decode import DecodeStep, decode_pass, runner as runner_mod
 from hetero_llm.decode.step import static_cache_problem
 from hetero_llm.errors import InvalidOptionError, PlanMismatchError
 from hetero_llm.integrations.transformers import spec_by_family
+from concurrency import run_together
 from tiny_shapes import TINY_SHAPES
 
 BASE = dict(vocab_size=256, pad_token_id=0, bos_token_id=1, eos_token_id=2)
@@ -225,22 +225,7 @@ def test_threads_get_their_own_sessions():
     ref, ours = pair()
     prompts = [ids(i, b=1 + i % 2) for i in range(6)]
     want = [ref.generate(p, **GREEDY) for p in prompts]
-    got, errors = [None] * len(prompts), []
-    barrier = threading.Barrier(len(prompts))
-
-    def work(i):
-        try:
-            barrier.wait()
-            got[i] = ours.generate(prompts[i], **GREEDY)
-        except Exception as e:  # noqa: BLE001 - reported below
-            errors.append(e)
-
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(prompts))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors
+    got = run_together([lambda p=p: ours.generate(p, **GREEDY) for p in prompts])
     assert all(torch.equal(g, w) for g, w in zip(got, want))
     assert ours.hetero_decode.report()["sessions_created"] <= runner_mod.MAX_SESSIONS
 

@@ -7,7 +7,6 @@ captures from several threads.
 from __future__ import annotations
 
 import copy
-import threading
 
 import pytest
 import torch
@@ -17,6 +16,7 @@ import hetero_llm
 from hetero_llm.decode import runner as runner_mod
 from hetero_llm.decode.step import DecodeStep
 from hetero_llm.errors import HeteroLLMWarning
+from concurrency import run_together
 from tiny_shapes import TINY_SHAPES
 
 pytestmark = [pytest.mark.gpu,
@@ -100,21 +100,6 @@ def test_threads_capture_and_replay_their_own_graphs():
     prompts = [prompt(b=1 + i % 2, seed=i) for i in range(4)]
     kw = dict(max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False)
     want = [ms["static"].generate(p, **kw) for p in prompts]
-    got, errors = [None] * len(prompts), []
-    barrier = threading.Barrier(len(prompts))
-
-    def work(i):
-        try:
-            barrier.wait()
-            got[i] = ms["cuda_graph"].generate(prompts[i], **kw)
-        except Exception as e:  # noqa: BLE001 - reported below
-            errors.append(e)
-
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(prompts))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors
+    got = run_together([lambda p=p: ms["cuda_graph"].generate(p, **kw) for p in prompts])
     assert all(torch.equal(g, w) for g, w in zip(got, want))
     assert 1 <= ms["cuda_graph"].hetero_decode.report()["graphs"] <= runner_mod.MAX_SESSIONS
