@@ -140,12 +140,16 @@ class DecodeRunner:
             session.step = DecodeStep(self.model, self.spec, session.cache, session.batch)
         session.step.ids.copy_(input_ids)
         if session.captured is not None:
-            self.stats.graph_steps += 1
+            self._count("graph_steps")
             return session.captured.replay()
         if self.use_graphs and session.graph_failed is None and session.device.type == "cuda":
             return self._capture(session)
-        self.stats.eager_steps += 1
+        self._count("eager_steps")
         return session.step()
+
+    def _count(self, what: str) -> None:
+        with self._lock:  # threads decode at once
+            setattr(self.stats, what, getattr(self.stats, what) + 1)
 
     def _capture(self, session: Session) -> torch.Tensor:
         from .graph import CapturedStep
@@ -157,7 +161,7 @@ class DecodeRunner:
             warnings.warn(f"hetero_llm could not capture the decode step as a CUDA graph ({captured.error}); "
                           "this cache shape decodes without one (slower, same results).", HeteroLLMWarning,
                           stacklevel=4)
-            self.stats.eager_steps += 1
+            self._count("eager_steps")
             return logits
         session.captured = captured
         with self._lock:
@@ -195,9 +199,14 @@ def _decode_forward(self, input_ids=None, attention_mask=None, position_ids=None
                               **kwargs)
 
 
-def _decode_generate(self, inputs=None, generation_config=None, **kwargs):
+def _decode_generate(self, inputs=None, generation_config=None, *args, **kwargs):
+    """transformers' generate() (same arguments, same results), with hetero_llm's decode step
+    for the calls it can take: see hetero_llm.decode.runner and docs/decode.md."""
     runner: DecodeRunner = self.hetero_decode
     plain = type(self).generate
+    if args:  # logits_processor and the rest given by position: transformers' own path
+        runner.note_fallback("arguments after generation_config given by position")
+        return plain(self, inputs, generation_config, *args, **kwargs)
     input_ids = inputs if inputs is not None else kwargs.get("input_ids")
     why, length = why_not_session(self, input_ids, generation_config, kwargs)
     session = None if why else runner.checkout(input_ids.shape[0], length)
