@@ -59,6 +59,18 @@ def test_plan_chooses_graphs_on_a_gpu_and_transformers_on_this_cpu():
     assert hetero_llm.Plan.from_json(gpu.to_json()).model_settings["decode"] == "cuda_graph"
 
 
+def test_a_graphed_plan_predicts_no_host_launch_costs():
+    model = tiny()
+    graph = hetero_llm.plan(model, hardware="h100-80gb")
+    loop = hetero_llm.plan(model, hardware="h100-80gb", decode="transformers")
+    assert graph.prediction.decode_ms_after < 0.5 * loop.prediction.decode_ms_after
+    assert graph.prediction.prefill_ms_after == loop.prediction.prefill_ms_after  # a prompt is not replayed
+    assert graph.prediction.decode_ms_before == loop.prediction.decode_ms_before  # "before" is transformers'
+    for a, b in zip(graph.entries, loop.entries):
+        assert (a.name, a.action, a.kernel, a.quant) == (b.name, b.action, b.kernel, b.quant)
+        assert a.decode_us_after <= b.decode_us_after + 1e-9
+
+
 @pytest.mark.parametrize("model_type,extra,why", [
     ("gpt2", {}, "no Llama-style decode step"),
     ("opt", {}, "no Llama-style decode step"),

@@ -15,7 +15,7 @@ peak FLOPs; the GPU table is datasheet bandwidth and FLOPs times typical efficie
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..hardware import Hardware
 from .measure import DeviceCosts, LinearCost, cached_cpu_costs
@@ -81,6 +81,24 @@ def _gpu_table(hardware: Hardware) -> DeviceCosts:
     pinned = PINNED_GBS.get(g.compute_capability[0], 22.0 if g.compute_capability[0] < 9 else 40.0)
     return DeviceCosts("cuda", "table", 0.9 * g.memory_bandwidth_gbs, 5.0, linears, dict(_GPU_STEP),
                        dict(_GPU_BLOCK), dict(_GPU_NORM), transfer_gbs=pinned, transfer_us=TRANSFER_US)
+
+
+# A decode step replayed as one CUDA graph (decode="cuda_graph"): the host launches nothing per
+# kernel, so each kernel's fixed cost is the GPU's own gap between graph nodes, and a block's work
+# outside matmuls and norms is its ~14 small kernels (rotary, cache update, split-KV attention).
+# generate() still runs its loop on the host between replays (inputs, logits processors, the stop
+# check that waits for the GPU). Estimates, as the rest of the GPU table, until measured.
+GRAPH_KERNEL_US = 2.0
+GRAPH_BLOCK_KERNELS = 14
+GRAPH_STEP_US = 300.0
+
+
+def graphed(costs: DeviceCosts) -> DeviceCosts:
+    """`costs` for a decode step replayed as a CUDA graph: per-call host costs become graph gaps."""
+    linears = {k: replace(c, call_us=GRAPH_KERNEL_US) for k, c in costs.linears.items()}
+    return replace(costs, linears=linears, step_us={k: GRAPH_STEP_US for k in costs.step_us},
+                   block_us={k: GRAPH_BLOCK_KERNELS * GRAPH_KERNEL_US for k in costs.block_us},
+                   norm_us={k: GRAPH_KERNEL_US for k in costs.norm_us}, op_us=GRAPH_KERNEL_US)
 
 
 def device_costs(hardware: Hardware, device: str) -> DeviceCosts:

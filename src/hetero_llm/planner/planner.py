@@ -209,10 +209,12 @@ def _kv_bytes_per_token(model: nn.Module, dtype_bytes: int) -> tuple[float, int]
 
 
 def _plan_device(model: nn.Module, spec, role_map, profiles: list[ModuleProfile], tied: set[str],
-                 hardware: Hardware, options: Options, device: str) -> tuple:
-    """Entries, fused groups, cost model and kernel backend for the whole model on `device`."""
+                 hardware: Hardware, options: Options, device: str, graph: bool = False) -> tuple:
+    """Entries, fused groups, cost model and kernel backend for the whole model on `device`
+    (`graph`: decode steps replayed as a CUDA graph, see cost.graphed)."""
     work = options.workload
-    cm = cost.CostModel(cost.device_costs(hardware, device), work.batch_size, work.prompt_len)
+    costs = cost.device_costs(hardware, device)
+    cm = cost.CostModel(cost.graphed(costs) if graph else costs, work.batch_size, work.prompt_len)
     scheme, why = choose_scheme(options, device)
     # GPU profiles describe machines with Triton; an inspected machine reports its own.
     triton_gpu = device == "cuda" and hardware.triton.can_run_gpu_kernels
@@ -291,6 +293,15 @@ def make_plan(model: nn.Module, hardware: Hardware, options: Options, *, strict:
     multi_device = parallel is not None or bool(device_map) or bool(offload)
     settings["decode"], decode_note = choose_decode(model, spec, options, device, fusions, multi_device)
     notes.append(decode_note)
+    if settings["decode"] == "cuda_graph":  # the same decisions; decode costs without host launches
+        graphed, _, cm_graph, _ = _plan_device(model, spec, role_map, profiles, tied, hardware, options, device,
+                                               graph=True)
+        mark_pruning(graphed, profiles, options.prune, tied, shrink, hardware=hardware, cm=cm_graph,
+                     tp=options.placement.tp)
+        ordered = [replace(e, decode_us_after=graphed[e.name].decode_us_after) for e in ordered]
+        step = predict({e.name: e for e in ordered}, profiles, tied, cm_graph, options.workload.prompt_len,
+                       hidden)
+        prediction = replace(prediction, decode_ms_after=step.decode_ms_after)
     return Plan(model_type=model_type_of(model), family=spec.family if spec else None, device=device,
                 hardware=hardware.to_dict(), options=options.to_dict(), entries=tuple(ordered),
                 fusions=tuple(fusions), model_settings=settings,
