@@ -14,7 +14,7 @@
 Sessions are pooled per (batch size, cache length rounded up to CAPACITY_STEP), so the next
 generate() of that shape reuses the cache and the graph: capture (the "warm-up") happens once
 per shape, and `report()` says how long it took. A session serves one call at a time: threads
-calling generate() at once get different sessions.
+calling generate() at once get different sessions; up to MAX_IDLE_SESSIONS stay for later calls.
 """
 from __future__ import annotations
 
@@ -33,7 +33,9 @@ from ..integrations.transformers import ArchitectureSpec
 from .step import DecodeStep
 
 CAPACITY_STEP = 256  # cache lengths are rounded up to this, so nearby lengths share a session
-MAX_SESSIONS = 4  # caches (and graphs) kept between calls; the least recently used goes first
+# Idle sessions kept between calls (each holds its cache and graph); the least recently used goes
+# first. Calls at once each get a session however many there are: each needs a cache anyway.
+MAX_IDLE_SESSIONS = 8
 
 
 @functools.lru_cache(maxsize=None)
@@ -96,23 +98,20 @@ class DecodeRunner:
 
     # -- sessions ----------------------------------------------------------------------------
 
-    def checkout(self, batch: int, length: int) -> Session | None:
+    def checkout(self, batch: int, length: int) -> Session:
+        """An idle session of this batch size whose cache holds `length` tokens, or a new one."""
         weight = next(self.model.parameters())
-        capacity = -(-length // CAPACITY_STEP) * CAPACITY_STEP
         with self._lock:
             self._free = [s for s in self._free if (s.device, s.dtype) == (weight.device, weight.dtype)]
             fits = [s for s in self._free if s.batch == batch and s.capacity >= length]
             if fits:
                 session = min(fits, key=lambda s: s.capacity)
                 self._free.remove(session)
-            elif len(self._busy) < MAX_SESSIONS:
-                if len(self._free) + len(self._busy) >= MAX_SESSIONS:
-                    self._free.pop(0)  # the least recently used cache and its graph are freed
+            else:
+                capacity = -(-length // CAPACITY_STEP) * CAPACITY_STEP
                 cache = _session_cache_class()(config=self.model.config, max_cache_len=capacity)
                 session = Session(batch, capacity, cache, weight.device, weight.dtype)
                 self.stats.sessions_created += 1
-            else:
-                return None
             self._busy[id(session.cache)] = session
         session.cache.reset()
         return session
@@ -123,6 +122,7 @@ class DecodeRunner:
             self._busy.pop(id(session.cache), None)
             if keep:
                 self._free.append(session)
+            del self._free[:-MAX_IDLE_SESSIONS]  # the least recently used caches and graphs are freed
 
     def session_of(self, cache) -> Session | None:
         session = self._busy.get(id(cache))
@@ -209,10 +209,10 @@ def _decode_generate(self, inputs=None, generation_config=None, *args, **kwargs)
         return plain(self, inputs, generation_config, *args, **kwargs)
     input_ids = inputs if inputs is not None else kwargs.get("input_ids")
     why, length = why_not_session(self, input_ids, generation_config, kwargs)
-    session = None if why else runner.checkout(input_ids.shape[0], length)
-    if session is None:
-        runner.note_fallback(why or f"more than {MAX_SESSIONS} generate() calls at once")
+    if why:
+        runner.note_fallback(why)
         return plain(self, inputs, generation_config=generation_config, **kwargs)
+    session = runner.checkout(input_ids.shape[0], length)
     kwargs["past_key_values"] = session.cache
     keep = True
     try:
