@@ -7,10 +7,11 @@
 from ._version import __version__
 from .api import accelerate, plan
 from .config import KernelConfig, Options, PlacementConfig, PruneConfig, QuantConfig
-from .errors import (AlreadyAcceleratedError, DistributedError, ForeignQuantizationError, HardwareError, HeteroLLMError,
-                     HeteroLLMWarning, InvalidOptionError, MetaDeviceError, ModelLoadError,
-                     NonFiniteWeightError, NotAModelError, PlanMismatchError,
+from .errors import (AlreadyAcceleratedError, DistributedError, ExportError, ForeignQuantizationError, HardwareError,
+                     HeteroLLMError, HeteroLLMWarning, InvalidOptionError, MetaDeviceError, ModelLoadError,
+                     NonFiniteWeightError, NotAModelError, PlanMismatchError, TritonSetupError,
                      UnsupportedArchitectureError)
+from .export import export_onnx
 from .hardware import Hardware, hardware_profile, inspect_hardware
 from .planner import Plan, PlanEntry
 from .serialize import load, save
@@ -21,4 +22,5 @@ __all__ = [
     "HeteroLLMError", "HeteroLLMWarning", "NotAModelError", "UnsupportedArchitectureError",
     "MetaDeviceError", "ForeignQuantizationError", "InvalidOptionError", "AlreadyAcceleratedError",
     "PlanMismatchError", "HardwareError", "ModelLoadError", "NonFiniteWeightError", "DistributedError",
+    "ExportError", "TritonSetupError", "export_onnx",
 ]

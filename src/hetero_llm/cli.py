@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
+import tempfile
 from pathlib import Path
 
 from .errors import HeteroLLMError
@@ -87,6 +89,26 @@ def _variants(args):
     return variants, tokenizer
 
 
+ONNX_MODES = {"float": ("onnxruntime", "float"), "int8": ("onnxruntime-int8", "int8")}
+
+
+def _onnx_variants(args, variants: dict, tokenizer, workdir: Path) -> dict:
+    """The accelerated model exported to ONNX in `workdir`, run by ONNX Runtime (CPU): one side
+    per matmul mode asked for (`--onnx float|int8|both`)."""
+    from .api import accelerate
+    from .evaluate import load_model
+    from .export import OnnxCausalLM, export_onnx
+    source = variants["hetero_llm"]
+    if source.hetero_plan.device != "cpu":  # ONNX Runtime runs here on the CPU: export a CPU plan
+        source = accelerate(load_model(args.model)[0], strict=not args.no_strict,
+                            calibration_data=_calibration(args, tokenizer), **{**_options(args), "device": "cpu"})
+    if not args.quiet:
+        print(f"exporting the accelerated model to ONNX in {workdir} ...", flush=True)
+    path = export_onnx(source, workdir / "onnx")
+    modes = ("float", "int8") if args.onnx == "both" else (args.onnx,)
+    return {ONNX_MODES[m][0]: OnnxCausalLM(path, threads=args.threads, matmul=ONNX_MODES[m][1]) for m in modes}
+
+
 def _set_threads(n: int | None) -> None:
     if n:
         import torch
@@ -99,9 +121,13 @@ def cmd_bench(args) -> int:
     variants, tokenizer = _variants(args)
     print(variants["hetero_llm"].hetero_plan)
     print()
-    result = run_bench(variants, tokenizer, repeats=args.repeats, new_tokens=args.new_tokens,
-                       prompt_len=args.prompt_len, perplexity_tokens=args.ppl_tokens or None,
-                       progress=not args.quiet, model_name=args.model)
+    # The ONNX file lives as long as its sessions need it: through the run, then removed.
+    with tempfile.TemporaryDirectory(prefix="hetero_llm_onnx_") if args.onnx else contextlib.nullcontext() as workdir:
+        if args.onnx:
+            variants.update(_onnx_variants(args, variants, tokenizer, Path(workdir)))
+        result = run_bench(variants, tokenizer, repeats=args.repeats, new_tokens=args.new_tokens,
+                           prompt_len=args.prompt_len, perplexity_tokens=args.ppl_tokens or None,
+                           progress=not args.quiet, model_name=args.model)
     print(format_table(result))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -199,6 +225,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-len", type=int, default=512)
     p.add_argument("--ppl-tokens", type=int, default=8192, help="tokens of text for perplexity (0 skips it)")
     p.add_argument("--no-peer", action="store_true", help="skip torch's quantize_dynamic peer")
+    p.add_argument("--onnx", nargs="?", const="float", default=None, choices=("float", "int8", "both"),
+                   help="also export the accelerated model to ONNX and run it with ONNX Runtime (CPU) in the same "
+                        "run: 'float' (default) dequantizes the INT8 weights once at load and runs fp32 matmuls; "
+                        "'int8' lets ONNX Runtime run int8 matmuls on activations quantized in blocks of 32; "
+                        "'both' adds both sides (needs onnx, onnxscript, onnxruntime)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default=BENCH_OUT, help=f"folder for bench.json and bench.png (default: {BENCH_OUT})")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

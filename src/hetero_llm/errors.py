@@ -51,5 +51,13 @@ class DistributedError(HeteroLLMError, RuntimeError):
     died, raised or stopped answering within the timeout."""
 
 
+class ExportError(HeteroLLMError):
+    """A model cannot be exported (or an export cannot be written or run) as asked."""
+
+
+class TritonSetupError(HeteroLLMError, RuntimeError):
+    """PyTriton is missing, or this Python environment cannot host Triton's Python stub."""
+
+
 class HeteroLLMWarning(UserWarning):
     """Something was changed or skipped that the user should know about."""

@@ -61,7 +61,9 @@ def _peer_lines(result: BenchResult) -> list[str]:
     if ACCELERATED not in names:
         return []
     lines = []
-    for peer in (p for p in PEERS if p in names):
+    # ONNX Runtime sides (`hetero-llm bench --onnx`) run our exported model: compared the same way.
+    others = [v.name for v in result.variants if v.name.startswith("onnxruntime")]
+    for peer in [p for p in PEERS if p in names] + others:
         text = (
             f"{ACCELERATED} vs {peer}: "
             f"decode {_x(result.ratio(ACCELERATED, 'decode_tok_s', peer))}, "

@@ -50,7 +50,12 @@ def weight_bytes(model: torch.nn.Module) -> int:
 
     Tied weights (embeddings and lm_head) count once; int8 buffers count at one
     byte per element; torch.ao dynamic-quantized Linear weights are unpacked and counted.
+    A model whose weights live outside torch (``OnnxCausalLM``) says itself, through
+    ``weight_bytes()``.
     """
+    own = getattr(model, "weight_bytes", None)
+    if callable(own):
+        return int(own())
     seen: set = set()
     total = 0
     tensors = [*model.parameters(), *model.buffers()]

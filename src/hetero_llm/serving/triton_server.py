@@ -42,14 +42,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import HeteroLLMError
+from ..errors import TritonSetupError
 
 PROMPT, MAX_NEW_TOKENS, TEXT = "prompt", "max_new_tokens", "text"
 INSTALL_HINT = "pip install 'hetero_llm[triton]'  (nvidia-pytriton, which needs numpy<2)"
-
-
-class TritonSetupError(HeteroLLMError, RuntimeError):
-    """PyTriton is missing, or this Python environment cannot host Triton's Python stub."""
 
 
 def _pytriton_triton_class():
