@@ -3,11 +3,13 @@
     python benchmarks/cpu_concurrency.py [--threads 8] [--tokens 32] [--rounds 3] [--json PATH]
 
 Each of `--threads` chat prompts (different questions, so different lengths) is decoded greedily
-for exactly `--tokens` new tokens. Three ways, interleaved round by round (order reversed every
+for exactly `--tokens` new tokens. Several ways, interleaved round by round (order reversed every
 other round), medians over rounds:
-  sequential  one thread makes the calls one after another
-  threads     one thread per call, all released together (what a threaded server does)
-  batched     one generate() of all prompts, left-padded (what a batching server does; for scale)
+  sequential      the main thread makes the calls one after another
+  threads         one thread per call, all released together (what a threaded server does)
+  threads 1-op    the same with torch.set_num_threads(1) (no intra-op parallelism)
+  2 workers 1-op  two threads, each making half the calls in turn, torch.set_num_threads(1)
+  batched         one generate() of all prompts, left-padded (what a batching server does)
 Throughput = new tokens of all calls / wall time. The threaded outputs must equal the
 sequential ones token for token (checked every round); the batched ones are reported as the
 share of identical tokens (padding changes the arithmetic slightly).
@@ -61,6 +63,35 @@ def run_threads(model, prompts, tokens):
     return out
 
 
+def one_op_thread(fn):
+    """fn() with torch's intra-op threads set to 1 (a process-wide setting), restored after."""
+    def run():
+        before = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return fn()
+        finally:
+            torch.set_num_threads(before)
+    return run
+
+
+def run_workers(model, prompts, tokens, workers: int = 2):
+    """`workers` threads, each generating its share of the prompts one after another."""
+    out, barrier = [None] * len(prompts), threading.Barrier(workers)
+
+    def work(w):
+        barrier.wait()
+        for i in range(w, len(prompts), workers):
+            out[i] = generate(model, prompts[i], tokens)
+
+    threads = [threading.Thread(target=work, args=(w,)) for w in range(workers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return out
+
+
 def run_batched(model, tokenizer, prompts, tokens):
     """All prompts in one left-padded batch; returns each row's new tokens."""
     width = max(p.shape[1] for p in prompts)
@@ -87,6 +118,8 @@ def main(argv=None) -> int:
     want = [generate(model, p, args.tokens) for p in prompts]  # also the warm-up
     ways = {"sequential": lambda: [generate(model, p, args.tokens) for p in prompts],
             "threads": lambda: run_threads(model, prompts, args.tokens),
+            "threads 1-op": one_op_thread(lambda: run_threads(model, prompts, args.tokens)),
+            "2 workers 1-op": one_op_thread(lambda: run_workers(model, prompts, args.tokens)),
             "batched": lambda: run_batched(model, tokenizer, prompts, args.tokens)}
     times = {name: [] for name in ways}
     identical, batched_same = True, []
@@ -95,7 +128,7 @@ def main(argv=None) -> int:
             start = time.perf_counter()
             got = fn()
             times[name].append(time.perf_counter() - start)
-            if name == "threads":
+            if name != "batched":
                 identical &= all(torch.equal(g, w) for g, w in zip(got, want))
             elif name == "batched":
                 same = [(g == w[:, p.shape[1]:]).float().mean().item() for g, w, p in zip(got, want, prompts)]
@@ -103,11 +136,11 @@ def main(argv=None) -> int:
     rates = {name: total / statistics.median(t) for name, t in times.items()}
     print(f"SmolLM2-135M {hetero_llm.__version__}, {args.threads} calls x {args.tokens} tokens, "
           f"{torch.get_num_threads()} torch threads, {os.cpu_count()} CPUs, {args.rounds} rounds")
-    print(f"{'way':<12} {'tok/s':>8} {'vs sequential':>14} {'spread s':>16}")
+    print(f"{'way':<16} {'tok/s':>8} {'vs sequential':>14} {'spread s':>16}")
     for name, t in times.items():
-        print(f"{name:<12} {rates[name]:8.1f} {rates[name] / rates['sequential']:13.2f}x "
+        print(f"{name:<16} {rates[name]:8.1f} {rates[name] / rates['sequential']:13.2f}x "
               f"{min(t):7.2f}-{max(t):<7.2f}")
-    print(f"threaded outputs identical to sequential: {identical}; batched (padded) tokens identical: "
+    print(f"threaded outputs identical to sequential (every round, every way): {identical}; batched (padded) tokens identical: "
           f"{statistics.mean(batched_same):.1%}")
     if args.json:
         Path(args.json).write_text(json.dumps(dict(rates=rates, times=times, identical=identical,
