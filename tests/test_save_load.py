@@ -193,7 +193,7 @@ def test_files_from_different_saves_are_refused(saved, tmp_path):
 def test_consistent_checksums_but_wrong_tensors_are_refused(saved):
     # A hand-edited save whose checksums were updated: the tensors still must fit.
     from safetensors.torch import load_file, save_file
-    from hetero_llm.serialize import _sha256
+    from hetero_llm.serialize import sha256_file as _sha256
     tensors = load_file(str(saved / WEIGHTS))
     name = next(n for n in tensors if n.endswith("qweight"))
     tensors[name] = tensors[name][:-1].clone()

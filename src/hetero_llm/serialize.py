@@ -39,7 +39,7 @@ MANIFEST = "hetero_llm.json"
 WEIGHTS = "model.safetensors"
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):
@@ -98,7 +98,7 @@ def save(model: nn.Module, path: str | os.PathLike, *, tokenizer: Any = None, ov
         manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "hetero_llm_version": __version__,
                     "model_class": type(model).__name__, "dtype": str(model.dtype).replace("torch.", ""),
                     "aliases": aliases, "plan": json.loads(plan.to_json()),
-                    "files": {f: {"sha256": _sha256(tmp / f), "bytes": (tmp / f).stat().st_size} for f in files}}
+                    "files": {f: {"sha256": sha256_file(tmp / f), "bytes": (tmp / f).stat().st_size} for f in files}}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
@@ -139,7 +139,7 @@ def _read_manifest(directory: Path) -> dict:
         f = directory / name
         if not f.is_file():
             raise ModelLoadError(f"{f} is missing; the save is incomplete: save the model again.")
-        if f.stat().st_size != info.get("bytes") or _sha256(f) != info.get("sha256"):
+        if f.stat().st_size != info.get("bytes") or sha256_file(f) != info.get("sha256"):
             raise ModelLoadError(f"{f} does not match its checksum (truncated or corrupted); save the model again.")
     return manifest
 

@@ -19,7 +19,6 @@ pattern (see docs/onnx.md for how ONNX Runtime executes it).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import json
 import os
@@ -206,14 +205,6 @@ def _clean(model) -> None:
         common.ClearMetadataAndDocStringPass())(model)  # per-node stack traces: most of a small file
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _quantization(model: nn.Module, proto) -> dict:
     linears = [m for m in model.modules() if isinstance(m, QdqLinear)]
     schemes = sorted({"int8-asym" if m.zero_point is not None else "int8" for m in linears})
@@ -294,7 +285,8 @@ def _build(model: nn.Module, tmp: Path, opset: int, tokenizer: Any, check: bool)
     files = _write(proto, tmp)
     del proto
     _write_configs(model, clone, tmp, tokenizer)
-    sidecar["files"] = {f: {"bytes": (tmp / f).stat().st_size, "sha256": _sha256(tmp / f)} for f in files}
+    from ..serialize import sha256_file
+    sidecar["files"] = {f: {"bytes": (tmp / f).stat().st_size, "sha256": sha256_file(tmp / f)} for f in files}
     (tmp / SIDECAR).write_text(json.dumps(sidecar, indent=1))
     if check:
         from .onnx_check import check_export

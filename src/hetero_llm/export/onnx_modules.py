@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._modules import replace_module
-from ..kernels.modules import ProjectionSlice, RotaryAttention, _rotate_half
+from ..kernels.modules import ProjectionSlice, RotaryAttention
 from ..quant.embedding import TiedInt8Linear
 from ..quant.modules import Int8Linear
 from ..quant.primitives import QuantizedWeight, dequantize
@@ -102,15 +102,7 @@ class ExportRotaryAttention(RotaryAttention):
     def forward(self, hidden_states: torch.Tensor, position_embeddings=None, attention_mask=None,
                 past_key_values=None, residual: torch.Tensor | None = None, **kwargs):
         b, s, _ = hidden_states.shape
-        h, hk = self.num_heads, self.num_kv_heads
-        qkv = self.qkv(hidden_states).view(b, s, h + 2 * hk, self.head_dim).transpose(1, 2)
-        cos, sin = position_embeddings
-        qk = qkv[:, : h + hk]
-        qk = qk * cos.unsqueeze(1) + _rotate_half(qk) * sin.unsqueeze(1)
-        q, k = qk.split([h, hk], dim=1)
-        v = qkv[:, h + hk:]
-        if past_key_values is not None:
-            k, v = past_key_values.update(k, v, self.layer_idx)
+        q, k, v = self.rotated_qkv(hidden_states, position_embeddings, past_key_values)
         out = _sdpa(q, k, v, attention_mask, self.scaling)
         y = self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
         return (y if residual is None else y + residual), None

@@ -112,8 +112,8 @@ class RotaryAttention(nn.Module):
         self.is_causal = True
         self.backend = backend
 
-    def forward(self, hidden_states: torch.Tensor, position_embeddings=None, attention_mask=None,
-                past_key_values=None, residual: torch.Tensor | None = None, cache_lens=None, **kwargs):
+    def rotated_qkv(self, hidden_states: torch.Tensor, position_embeddings, past_key_values):
+        """q (b, h, s, d) and the cache's k, v (b, hk, S, d), the new k and v appended."""
         b, s, _ = hidden_states.shape
         h, hk = self.num_heads, self.num_kv_heads
         qkv = self.qkv(hidden_states).view(b, s, h + 2 * hk, self.head_dim).transpose(1, 2)
@@ -124,6 +124,12 @@ class RotaryAttention(nn.Module):
         v = qkv[:, h + hk:]
         if past_key_values is not None:
             k, v = past_key_values.update(k, v, self.layer_idx)
+        return q, k, v
+
+    def forward(self, hidden_states: torch.Tensor, position_embeddings=None, attention_mask=None,
+                past_key_values=None, residual: torch.Tensor | None = None, cache_lens=None, **kwargs):
+        b, s, _ = hidden_states.shape
+        q, k, v = self.rotated_qkv(hidden_states, position_embeddings, past_key_values)
         out = attend(self.backend, q, k, v, attention_mask, self.scaling, cache_lens=cache_lens)
         return project_add(self.backend, self.o_proj, out.transpose(1, 2).reshape(b, s, -1), residual), None
 
