@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 
+import time
+
 import pytest
 import torch
 
@@ -50,6 +52,11 @@ def test_dynamic_int8_linears_are_a_quarter(make_tiny):
 def test_peak_rss_sees_a_200mb_allocation():
     with PeakRSS() as rss:
         block = torch.ones(50_000_000, dtype=torch.float32)  # 200 MB, every page touched
+        # The sampling thread must see it while it is resident; on a loaded machine the thread
+        # may not run during the ~50 ms the allocation takes, so give it up to 5 s.
+        deadline = time.monotonic() + 5
+        while rss.peak_bytes < rss.start_bytes + 150e6 and time.monotonic() < deadline:
+            time.sleep(0.01)
         del block
     assert rss.start_bytes > 0
     assert rss.delta_bytes > 150e6
