@@ -1,7 +1,6 @@
 """Weight bytes, peak RSS, decode and prefill timing, prompt construction."""
 from __future__ import annotations
 
-
 import time
 
 import pytest
