@@ -16,17 +16,15 @@ plain safetensors, and converted again after placement on load.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from ._files import sha256_file, written_atomically
 from ._version import __version__
 from .errors import DistributedError, HardwareError, HeteroLLMError, ModelLoadError, PlanMismatchError
 from .planner.plan import Plan
@@ -37,14 +35,6 @@ FORMAT = "hetero_llm"
 FORMAT_VERSION = 1
 MANIFEST = "hetero_llm.json"
 WEIGHTS = "model.safetensors"
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _unique_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -82,12 +72,7 @@ def save(model: nn.Module, path: str | os.PathLike, *, tokenizer: Any = None, ov
             "Save the model before accelerate(..., tp=/pp=) (hetero_llm.save or save_pretrained), and shard "
             "when loading: accelerate(meta_model, tp=..., checkpoint=path) reads each rank's slice.")
     target = Path(path)
-    if target.exists() and (not target.is_dir() or any(target.iterdir())) and not overwrite:
-        raise HeteroLLMError(f"{target} already exists and is not empty; pass overwrite=True to replace it "
-                             "(its files are only removed once the new model is fully written).")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    with written_atomically(target, overwrite) as tmp:
         tensors, aliases = _unique_tensors(model)
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": FORMAT})
         (tmp / "config.json").write_text(model.config.to_json_string())
@@ -102,22 +87,7 @@ def save(model: nn.Module, path: str | os.PathLike, *, tokenizer: Any = None, ov
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
-        _move_into_place(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
-
-
-def _move_into_place(tmp: Path, target: Path) -> None:
-    if not target.exists():
-        os.replace(tmp, target)
-        return
-    old = target.with_name(f".{target.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    os.replace(target, old)
-    os.replace(tmp, target)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _read_manifest(directory: Path) -> dict:

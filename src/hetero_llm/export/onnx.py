@@ -22,8 +22,6 @@ import contextlib
 import io
 import json
 import os
-import shutil
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -31,6 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._files import sha256_file, written_atomically
 from .._version import __version__
 from ..errors import (DistributedError, ExportError, InvalidOptionError, MetaDeviceError, NotAModelError,
                       UnsupportedArchitectureError)
@@ -97,12 +96,6 @@ def check_exportable(model: Any) -> None:
         raise UnsupportedArchitectureError("export_onnx writes decoder-only causal LMs; this model is an "
                                            "encoder-decoder.")
     _check_devices(model)
-
-
-def _check_target(target: Path, overwrite: bool) -> None:
-    if target.exists() and (not target.is_dir() or any(target.iterdir())) and not overwrite:
-        raise ExportError(f"{target} already exists and is not empty; pass overwrite=True to replace it "
-                          "(its files are only removed once the new export is fully written).")
 
 
 class _DecoderWithPast(nn.Module):
@@ -234,22 +227,15 @@ def _sidecar(model: nn.Module, clone: nn.Module, proto, shapes, inputs, outputs,
     }
 
 
-def _tensor_bytes(model: nn.Module) -> int:
-    seen, total = set(), 0
-    for t in list(model.parameters()) + list(model.buffers()):
-        if t.untyped_storage().data_ptr() not in seen:
-            seen.add(t.untyped_storage().data_ptr())
-            total += t.numel() * t.element_size()
-    return total
-
-
 def _save_program(program, clone: nn.Module, directory: Path):
     """The exporter writes the file (weights beside it in model.onnx.data when protobuf's 2 GB
     cap is near); the graph is then read back without its weights, to be edited."""
     import onnx
 
+    from ..evaluate.timing import weight_bytes
+
     path = directory / MODEL_FILE
-    program.save(str(path), external_data=_tensor_bytes(clone) > EXTERNAL_DATA_BYTES)
+    program.save(str(path), external_data=weight_bytes(clone) > EXTERNAL_DATA_BYTES)
     return onnx.load(str(path), load_external_data=False)
 
 
@@ -285,7 +271,6 @@ def _build(model: nn.Module, tmp: Path, opset: int, tokenizer: Any, check: bool)
     files = _write(proto, tmp)
     del proto
     _write_configs(model, clone, tmp, tokenizer)
-    from ..serialize import sha256_file
     sidecar["files"] = {f: {"bytes": (tmp / f).stat().st_size, "sha256": sha256_file(tmp / f)} for f in files}
     (tmp / SIDECAR).write_text(json.dumps(sidecar, indent=1))
     if check:
@@ -314,14 +299,6 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, opset: int | None 
     check_exportable(model)
     _require_packages()
     target = Path(path)
-    _check_target(target, overwrite)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    with written_atomically(target, overwrite, ExportError, "export") as tmp:
         _build(model, tmp, opset, tokenizer, check)
-        from ..serialize import _move_into_place
-        _move_into_place(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
