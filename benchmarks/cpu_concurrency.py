@@ -30,17 +30,12 @@ import torch
 
 import hetero_llm
 from hetero_llm.evaluate import load_model
+from hetero_llm.serving.text import prompt_ids
 
 QUESTIONS = ["What is the capital of France?", "Write a haiku about autumn.", "Explain recursion in one sentence.",
              "List three prime numbers.", "What does a compiler do?", "Name a famous painter and one of their works.",
              "How many legs does a spider have?", "Give me a synonym for happy.", "Why is the sky blue?",
              "Translate 'good morning' into Spanish.", "What is 12 times 12?", "Describe a cat in five words."]
-
-
-def chat_ids(tokenizer, question: str) -> torch.Tensor:
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
-                                        return_tensors="pt")
-    return ids["input_ids"] if hasattr(ids, "keys") else ids
 
 
 def generate(model, ids, tokens: int, mask=None):
@@ -113,7 +108,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     model, tokenizer = load_model("smollm2")
     hetero_llm.accelerate(model)
-    prompts = [chat_ids(tokenizer, q) for q in (QUESTIONS * 2)[:args.threads]]
+    prompts = [prompt_ids(tokenizer, q, chat=True) for q in (QUESTIONS * 2)[:args.threads]]
     total = args.threads * args.tokens
     want = [generate(model, p, args.tokens) for p in prompts]  # also the warm-up
     ways = {"sequential": lambda: [generate(model, p, args.tokens) for p in prompts],

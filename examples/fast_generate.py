@@ -15,6 +15,7 @@ import torch
 
 import hetero_llm
 from hetero_llm.evaluate import load_model
+from hetero_llm.serving.text import prompt_ids
 
 on_gpu = torch.cuda.is_available()
 device, dtype = ("cuda", torch.bfloat16) if on_gpu else ("cpu", torch.float32)
@@ -24,9 +25,7 @@ plain = hetero_llm.accelerate(copy.deepcopy(model), device=device, decode="trans
 fast = hetero_llm.accelerate(model, device=device, decode="auto" if on_gpu else "static")
 print([n for n in fast.hetero_plan.notes if n.startswith("decode:")][0])
 
-chat = [{"role": "user", "content": "Write a haiku about the sea."}]
-ids = tokenizer.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt")
-ids = (ids["input_ids"] if hasattr(ids, "keys") else ids).to(device)
+ids = prompt_ids(tokenizer, "Write a haiku about the sea.", chat=True).to(device)
 kw = dict(max_new_tokens=64, do_sample=False)
 
 

@@ -22,19 +22,7 @@ import threading
 
 import torch
 
-
-def prompt_ids(tokenizer, prompt: str, chat: bool) -> torch.Tensor:
-    if not chat:
-        return tokenizer(prompt, return_tensors="pt").input_ids
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                        return_tensors="pt")
-    return ids["input_ids"] if hasattr(ids, "keys") else ids
-
-
-def generate_kwargs(ids: torch.Tensor, max_new_tokens: int) -> dict:
-    """What every request passes to generate(): greedy, so that answers are reproducible."""
-    return dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                do_sample=False)
+from hetero_llm.serving.text import context_problem, greedy_kwargs, prompt_ids
 
 
 def build_app(model, tokenizer):
@@ -61,9 +49,10 @@ def build_app(model, tokenizer):
     @app.post("/generate")
     def generate(req: Request):
         ids = prompt_ids(tokenizer, req.prompt, req.chat)
-        if ids.shape[1] + req.max_new_tokens > getattr(model.config, "max_position_embeddings", 1 << 30):
-            raise HTTPException(422, "prompt + max_new_tokens exceed the model's context length")
-        kwargs = generate_kwargs(ids, req.max_new_tokens)
+        problem = context_problem(model, ids.shape[1], req.max_new_tokens)
+        if problem is not None:
+            raise HTTPException(422, problem)
+        kwargs = greedy_kwargs(ids, req.max_new_tokens)
         if not req.stream:
             with torch.inference_mode():
                 out = model.generate(**kwargs)

@@ -86,7 +86,7 @@ def stream(base: str, prompt: str) -> tuple[list[str], list[float]]:
 def direct(model, tokenizer, example, prompt: str) -> str:
     ids = example.prompt_ids(tokenizer, prompt, chat=True)
     with torch.inference_mode():
-        out = model.generate(**example.generate_kwargs(ids, NEW))
+        out = model.generate(**example.greedy_kwargs(ids, NEW))
     return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 
 

@@ -43,6 +43,7 @@ import numpy as np
 import torch
 
 from ..errors import TritonSetupError
+from .text import context_problem, greedy_kwargs, prompt_ids
 
 PROMPT, MAX_NEW_TOKENS, TEXT = "prompt", "max_new_tokens", "text"
 INSTALL_HINT = "pip install 'hetero_llm[triton]'  (nvidia-pytriton, which needs numpy<2)"
@@ -160,15 +161,6 @@ def started_triton(config: Any = None, *, workspace: str | Path | None = None) -
         shutil.rmtree(libs, ignore_errors=True)
 
 
-def prompt_ids(tokenizer, prompt: str, chat: bool) -> torch.Tensor:
-    """Token ids (1, n) of one prompt, wrapped in the tokenizer's chat template if `chat`."""
-    if not chat:
-        return tokenizer(prompt, return_tensors="pt")["input_ids"]
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                        return_tensors="pt")
-    return ids["input_ids"] if hasattr(ids, "keys") else ids
-
-
 def generate_text(model, tokenizer, prompt: str, *, max_new_tokens: int, chat: bool = False) -> str:
     """The greedy completion of one prompt, without the prompt: what each request is answered.
 
@@ -180,13 +172,11 @@ def generate_text(model, tokenizer, prompt: str, *, max_new_tokens: int, chat: b
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     ids = prompt_ids(tokenizer, prompt, chat)
-    context = getattr(model.config, "max_position_embeddings", None)
-    if context is not None and ids.shape[1] + max_new_tokens > context:
-        raise ValueError(f"prompt ({ids.shape[1]} tokens) + max_new_tokens ({max_new_tokens}) exceed the "
-                         f"model's context of {context} tokens")
+    problem = context_problem(model, ids.shape[1], max_new_tokens)
+    if problem is not None:
+        raise ValueError(problem)
     with torch.inference_mode():
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                             do_sample=False)
+        out = model.generate(**greedy_kwargs(ids, max_new_tokens))
     return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 
 
