@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._modules import replace_module
+from ..decode import uninstall as uninstall_decode
 from ..kernels.modules import ProjectionSlice, RotaryAttention
 from ..quant.embedding import TiedInt8Linear
 from ..quant.modules import Int8Linear
@@ -130,8 +131,7 @@ def _set_torch_backends(model: nn.Module) -> None:
 def export_copy(model: nn.Module) -> nn.Module:
     """A deep copy of `model` in fp32 with the stand-ins above swapped in (see module docstring)."""
     clone = copy.deepcopy(model)
-    for attr in ("forward", "generate"):  # methods the decode pass may have bound on the instance
-        clone.__dict__.pop(attr, None)
+    uninstall_decode(clone)  # the class's own forward: the graph traces transformers' decoding
     clone.float()  # bf16/fp16 models run in fp32 in the file; INT8 weights and fp32 scales are kept
     if hasattr(clone, "set_attn_implementation") and clone.config._attn_implementation != "sdpa":
         clone.set_attn_implementation("sdpa")
