@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from ..errors import HeteroLLMWarning
+from ..integrations import hf_adapter as hf
 from ..integrations.transformers import ArchitectureSpec
 from .step import DecodeStep
 
@@ -40,9 +41,7 @@ MAX_IDLE_SESSIONS = 8
 
 @functools.lru_cache(maxsize=None)
 def _session_cache_class():
-    from transformers import StaticCache
-
-    class SessionCache(StaticCache):
+    class SessionCache(hf.static_cache_class()):
         """A StaticCache that transformers does not compile around: the session captures the
         decode step itself, and generate() then passes the plain 2-D mask (no per-step 4-D
         mask for a step that does not read it)."""
@@ -69,7 +68,7 @@ class Session:
 
     @property
     def prefilled(self) -> bool:
-        return bool(getattr(self.cache.layers[0], "is_initialized", False))
+        return hf.layer_is_initialized(self.cache.layers[0])
 
 
 @dataclass
@@ -109,7 +108,7 @@ class DecodeRunner:
                 self._free.remove(session)
             else:
                 capacity = -(-length // CAPACITY_STEP) * CAPACITY_STEP
-                cache = _session_cache_class()(config=self.model.config, max_cache_len=capacity)
+                cache = hf.new_static_cache(_session_cache_class(), self.model.config, capacity)
                 session = Session(batch, capacity, cache, weight.device, weight.dtype)
                 self.stats.sessions_created += 1
             self._busy[id(session.cache)] = session
@@ -187,16 +186,16 @@ class DecodeRunner:
 def _decode_forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                     inputs_embeds=None, use_cache=None, **kwargs):
     runner: DecodeRunner = self.hetero_decode
-    session = runner.session_of(past_key_values) if past_key_values is not None else None
+    cache = hf.take_cache(kwargs, past_key_values)  # `cache=` from transformers >= 5.25
+    session = runner.session_of(cache) if cache is not None else None
     if (session is not None and inputs_embeds is None and input_ids is not None and session.prefilled
             and tuple(input_ids.shape) == (session.batch, 1) and not kwargs.get("output_attentions")
             and not kwargs.get("output_hidden_states") and kwargs.get("labels") is None):
-        from transformers.modeling_outputs import CausalLMOutputWithPast
-
-        return CausalLMOutputWithPast(logits=runner.decode(session, input_ids), past_key_values=past_key_values)
+        return hf.causal_lm_output(runner.decode(session, input_ids), cache)
+    if cache is not None:
+        kwargs[hf.cache_argument(self)] = cache
     return type(self).forward(self, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                              past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
-                              **kwargs)
+                              inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
 
 
 def _decode_generate(self, inputs=None, generation_config=None, *args, **kwargs):
@@ -213,11 +212,11 @@ def _decode_generate(self, inputs=None, generation_config=None, *args, **kwargs)
         runner.note_fallback(why)
         return plain(self, inputs, generation_config=generation_config, **kwargs)
     session = runner.checkout(input_ids.shape[0], length)
-    kwargs["past_key_values"] = session.cache
+    kwargs[hf.cache_argument(self)] = session.cache
     keep = True
     try:
         out = plain(self, inputs, generation_config=generation_config, **kwargs)
-        keep = getattr(out, "past_key_values", None) is not session.cache  # returned: the caller owns it now
+        keep = hf.output_cache(out) is not session.cache  # returned: the caller owns it now
         return out
     except BaseException:
         keep = False  # the cache may hold a half-written step
@@ -230,7 +229,7 @@ def why_not_session(model: nn.Module, input_ids, generation_config, kwargs: dict
     """(reason this generate() call goes to transformers unchanged, or None; cache length it needs)."""
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.long:
         return "inputs are not a (batch, length) tensor of token ids", 0
-    for name in ("past_key_values", "inputs_embeds", "assistant_model", "prompt_lookup_num_tokens"):
+    for name in (*hf.CACHE_ARGUMENTS, "inputs_embeds", "assistant_model", "prompt_lookup_num_tokens"):
         if kwargs.get(name) is not None:
             return f"{name} given", 0
     config = copy.deepcopy(generation_config if generation_config is not None else model.generation_config)

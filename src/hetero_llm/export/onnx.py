@@ -107,24 +107,21 @@ class _DecoderWithPast(nn.Module):
         self.wrapped = model
 
     def forward(self, input_ids, attention_mask, position_ids, past):
-        from transformers import DynamicCache
-
-        cache = DynamicCache(ddp_cache_data=[(k, v) for k, v in past])
+        cache = cache_from_pairs([(k, v) for k, v in past])
         out = type(self.wrapped).forward(self.wrapped, input_ids=input_ids, attention_mask=attention_mask,
-                                         position_ids=position_ids, past_key_values=cache, use_cache=True)
-        return out.logits, [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+                                         position_ids=position_ids, use_cache=True,
+                                         **{cache_argument(self.wrapped): cache})
+        return out.logits, cache_pairs(output_cache(out))
 
 
 def kv_shapes(clone: nn.Module) -> list[tuple[int, int]]:
     """(kv_heads, head_dim) of every layer's cache, read from one short forward (pruned
     models may have other head counts than the config's originals)."""
-    from transformers import DynamicCache
-
     ids = torch.tensor([[1, 2]])
     with torch.inference_mode():
-        out = type(clone).forward(clone, input_ids=ids, attention_mask=torch.ones_like(ids),
-                                  past_key_values=DynamicCache(), use_cache=True)
-    return [(int(layer.keys.shape[1]), int(layer.keys.shape[3])) for layer in out.past_key_values.layers]
+        out = type(clone).forward(clone, input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True,
+                                  **{cache_argument(clone): cache_from_pairs(None)})
+    return [(int(k.shape[1]), int(k.shape[3])) for k, _ in cache_pairs(output_cache(out))]
 
 
 def io_names(n_layers: int) -> tuple[list[str], list[str]]:

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ..errors import ExportError, HeteroLLMWarning
+from ..integrations.hf_adapter import cache_argument, cache_from_pairs, cache_pairs, output_cache
 
 # Relative to the largest |logit|: fp32 torch vs fp32 ONNX Runtime differ by float rounding
 # (~1e-6 relative); a wrong graph differs by O(1). The check catches the latter only.
@@ -16,14 +17,12 @@ CHECK_RTOL = 1e-3
 
 
 def _reference(clone: nn.Module, ids: torch.Tensor, past=None):
-    from transformers import DynamicCache
-
     total = ids.shape[1] + (0 if past is None else past[0][0].shape[2])
-    cache = DynamicCache(ddp_cache_data=past) if past is not None else DynamicCache()
+    mask = torch.ones(ids.shape[0], total, dtype=torch.long)
     with torch.inference_mode():
-        out = type(clone).forward(clone, input_ids=ids, attention_mask=torch.ones(ids.shape[0], total,
-                                  dtype=torch.long), past_key_values=cache, use_cache=True)
-    return out.logits.float(), [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+        out = type(clone).forward(clone, input_ids=ids, attention_mask=mask, use_cache=True,
+                                  **{cache_argument(clone): cache_from_pairs(past)})
+    return out.logits.float(), cache_pairs(output_cache(out))
 
 
 def max_relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -48,7 +47,7 @@ def check_export(clone: nn.Module, directory: Path) -> float | None:
     want, past = _reference(clone, ids)
     got = runner(input_ids=ids)
     want2, _ = _reference(clone, step, past)
-    got2 = runner(input_ids=step, past_key_values=got.past_key_values)
+    got2 = runner(input_ids=step, past_key_values=output_cache(got))
     worst = max(max_relative_difference(got.logits, want), max_relative_difference(got2.logits, want2))
     if not worst <= CHECK_RTOL:
         raise ExportError(f"the exported graph's logits differ from the model's by {worst:.2e} of their range "

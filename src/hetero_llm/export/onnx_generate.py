@@ -12,7 +12,7 @@ from ..errors import InvalidOptionError
 
 # generate() options that change what is generated and are not implemented here.
 _UNSUPPORTED = {"num_beams": 1, "num_return_sequences": 1, "streamer": None, "logits_processor": None,
-                "stopping_criteria": None, "inputs_embeds": None, "past_key_values": None,
+                "stopping_criteria": None, "inputs_embeds": None, "past_key_values": None, "cache": None,
                 "return_dict_in_generate": False, "output_scores": False, "output_logits": False}
 # Options transformers' generate takes that do not change greedy decoding (sampling knobs are
 # unused when do_sample=False, as in transformers).

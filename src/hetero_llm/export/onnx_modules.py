@@ -24,6 +24,8 @@ from torch import nn
 
 from .._modules import replace_module
 from ..decode import uninstall as uninstall_decode
+from ..integrations.hf_adapter import (attention_implementation, can_set_attention, set_attention_implementation,
+                                       take_cache)
 from ..kernels.modules import ProjectionSlice, RotaryAttention
 from ..quant.embedding import TiedInt8Linear
 from ..quant.modules import Int8Linear
@@ -103,7 +105,7 @@ class ExportRotaryAttention(RotaryAttention):
     def forward(self, hidden_states: torch.Tensor, position_embeddings=None, attention_mask=None,
                 past_key_values=None, residual: torch.Tensor | None = None, **kwargs):
         b, s, _ = hidden_states.shape
-        q, k, v = self.rotated_qkv(hidden_states, position_embeddings, past_key_values)
+        q, k, v = self.rotated_qkv(hidden_states, position_embeddings, take_cache(kwargs, past_key_values))
         out = _sdpa(q, k, v, attention_mask, self.scaling)
         y = self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
         return (y if residual is None else y + residual), None
@@ -133,8 +135,8 @@ def export_copy(model: nn.Module) -> nn.Module:
     clone = copy.deepcopy(model)
     uninstall_decode(clone)  # the class's own forward: the graph traces transformers' decoding
     clone.float()  # bf16/fp16 models run in fp32 in the file; INT8 weights and fp32 scales are kept
-    if hasattr(clone, "set_attn_implementation") and clone.config._attn_implementation != "sdpa":
-        clone.set_attn_implementation("sdpa")
+    if can_set_attention(clone) and attention_implementation(clone) != "sdpa":
+        set_attention_implementation(clone, "sdpa")
     _set_torch_backends(clone)
     # Slices first: they hold their fused linear outside the module tree, so swap it here.
     for name, m in list(clone.named_modules()):

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from ..errors import InvalidOptionError, ModelLoadError
+from ..integrations.hf_adapter import causal_lm_output, take_cache
 from .onnx import FORMAT, FORMAT_VERSION, SIDECAR
 from .onnx_graph import LOGITS_TO_KEEP
 
@@ -140,20 +141,18 @@ class OnnxCausalLM(nn.Module):
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 use_cache: bool = True, logits_to_keep: int = 0, **kwargs):
         """transformers-style forward: returns CausalLMOutputWithPast (logits, past_key_values as a
-        tuple of (key, value) tensors per layer when use_cache). `past_key_values` may be such a
-        tuple or a transformers Cache."""
-        from transformers.modeling_outputs import CausalLMOutputWithPast
-
+        tuple of (key, value) tensors per layer when use_cache). `past_key_values` (or `cache`, as
+        transformers >= 5.25 names it) may be such a tuple or a transformers Cache."""
         if kwargs.get("inputs_embeds") is not None:
             raise InvalidOptionError("the ONNX graph takes input_ids, not inputs_embeds.")
-        past = _flat_past(past_key_values)
+        past = _flat_past(take_cache(kwargs, past_key_values))
         outs = self.session.run(None, self._feed(input_ids, attention_mask, position_ids, past, logits_to_keep))
         logits = torch.from_numpy(outs[0])
         presents = None
         if use_cache:
             it = iter(torch.from_numpy(o) for o in outs[1:])
             presents = tuple(zip(it, it))
-        return CausalLMOutputWithPast(logits=logits, past_key_values=presents)
+        return causal_lm_output(logits, presents)
 
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int | None = None, min_new_tokens: int = 0,
                  do_sample: bool = False, attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:

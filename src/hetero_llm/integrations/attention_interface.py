@@ -17,16 +17,18 @@ def hetero_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
                              scaling: float | None = None, is_causal: bool | None = None, **kwargs):
     """transformers' attention-function contract: q (b, h, s, d), k/v (b, hk, S, d) ->
     ((b, s, h, d), None). What the kernels do not cover (dropout while training, soft-capping,
-    position biases, attention sinks, returning the weights) goes to transformers' SDPA."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
+    position biases, attention sinks, sliding windows, returning the weights) goes to
+    transformers' SDPA."""
     from ..kernels.dispatch import attend
+    from .hf_adapter import sdpa_attention_function
 
-    special = ("softcap", "position_bias", "s_aux", "sinks", "cache")
+    # The kernels take no sliding window: a windowed layer's keys beyond the window must stay masked.
+    special = ("softcap", "position_bias", "s_aux", "sinks", "cache", "sliding_window")
     if (dropout and module.training) or any(kwargs.get(k) is not None for k in special) \
             or kwargs.get("output_attentions"):
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
-                                      scaling=scaling, is_causal=is_causal, **kwargs)
+        sdpa = sdpa_attention_function()
+        return sdpa(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                    is_causal=is_causal, **kwargs)
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     out = attend("triton", query, key, value, attention_mask, scale, causal=bool(causal))
@@ -35,9 +37,7 @@ def hetero_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
 
 def register() -> str:
     """Make "hetero_llm" a valid `attn_implementation` (idempotent); returns the name."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    from .hf_adapter import register_attention
 
-    AttentionInterface.register(NAME, hetero_attention_forward)
-    AttentionMaskInterface.register(NAME, sdpa_mask)
+    register_attention(NAME, hetero_attention_forward)
     return NAME

@@ -6,6 +6,7 @@ from torch import nn
 
 from .._modules import parent_of, replace_module
 from ..integrations import attention_interface
+from ..integrations import hf_adapter as hf
 from ..integrations.transformers import spec_by_family
 from ..planner.plan import Fusion, Plan
 from ..quant.modules import Int8Linear, linear_weight
@@ -113,11 +114,11 @@ def swap_norm(model: nn.Module, name: str, offset: float, backend: str = "torch"
 
 
 def _set_attention(model: nn.Module, attn: str | None) -> None:
-    if not attn or getattr(model.config, "_attn_implementation", None) == attn:
+    if not attn or hf.attention_implementation(model) == attn:
         return
     if attn == attention_interface.NAME:
         attention_interface.register()  # adds a name to transformers' registry; changes no other model
-    model.set_attn_implementation(attn)
+    hf.set_attention_implementation(model, attn)
 
 
 NORM_KERNELS = {"torch-rms_norm": "torch", "triton-rms_norm": "triton", "triton-add_rms_norm": "triton"}

@@ -20,6 +20,7 @@ import types
 import torch
 from torch import nn
 
+from ..integrations.hf_adapter import take_cache
 from .dispatch import fuses_residual
 from .modules import GatedMLP, RMSNorm, RotaryAttention
 
@@ -30,8 +31,9 @@ LAYER_CHILDREN = frozenset({"self_attn", "mlp", "input_layernorm", "post_attenti
 def fused_layer_forward(self: nn.Module, hidden_states: torch.Tensor, attention_mask=None, position_ids=None,
                         past_key_values=None, use_cache=False, position_embeddings=None, **kwargs) -> torch.Tensor:
     attn, mlp = self.self_attn, self.mlp
+    cache = take_cache(kwargs, past_key_values)  # `cache=` from transformers >= 5.25
     h = self.input_layernorm(hidden_states)
-    attn_kwargs = dict(attention_mask=attention_mask, position_ids=position_ids, past_key_values=past_key_values,
+    attn_kwargs = dict(attention_mask=attention_mask, position_ids=position_ids, cache=cache,
                        use_cache=use_cache, position_embeddings=position_embeddings, **kwargs)
     if fuses_residual(attn.backend, attn.o_proj):
         x, _ = attn(h, residual=hidden_states, **attn_kwargs)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..integrations.hf_adapter import take_cache
 from .dispatch import attend, project_add, use_triton
 from .rms_norm import rms_norm
 
@@ -112,7 +113,7 @@ class RotaryAttention(nn.Module):
         self.is_causal = True
         self.backend = backend
 
-    def rotated_qkv(self, hidden_states: torch.Tensor, position_embeddings, past_key_values):
+    def rotated_qkv(self, hidden_states: torch.Tensor, position_embeddings, cache):
         """q (b, h, s, d) and the cache's k, v (b, hk, S, d), the new k and v appended."""
         b, s, _ = hidden_states.shape
         h, hk = self.num_heads, self.num_kv_heads
@@ -122,14 +123,17 @@ class RotaryAttention(nn.Module):
         qk = qk * cos.unsqueeze(1) + _rotate_half(qk) * sin.unsqueeze(1)
         q, k = qk.split([h, hk], dim=1)
         v = qkv[:, h + hk:]
-        if past_key_values is not None:
-            k, v = past_key_values.update(k, v, self.layer_idx)
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)
         return q, k, v
 
     def forward(self, hidden_states: torch.Tensor, position_embeddings=None, attention_mask=None,
                 past_key_values=None, residual: torch.Tensor | None = None, cache_lens=None, **kwargs):
+        # The decoder layer passes the KV cache as `cache=` (transformers >= 5.25) or
+        # `past_key_values=` (before): take it under either name.
+        cache = take_cache(kwargs, past_key_values)
         b, s, _ = hidden_states.shape
-        q, k, v = self.rotated_qkv(hidden_states, position_embeddings, past_key_values)
+        q, k, v = self.rotated_qkv(hidden_states, position_embeddings, cache)
         out = attend(self.backend, q, k, v, attention_mask, self.scaling, cache_lens=cache_lens)
         return project_add(self.backend, self.o_proj, out.transpose(1, 2).reshape(b, s, -1), residual), None
 

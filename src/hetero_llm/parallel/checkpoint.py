@@ -21,6 +21,7 @@ from typing import Self
 import torch
 from torch import nn
 
+from ..integrations import hf_adapter as hf
 from ..errors import ModelLoadError
 from .layout import Range
 
@@ -133,10 +134,7 @@ def _renamings(model: nn.Module) -> list:
     changes, names are simply not renamed). Converters that merge or split tensors are left
     out: they cannot be read slice by slice."""
     try:
-        from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import WeightRenaming
-
-        return [t for t in get_model_conversion_mapping(model) if type(t) is WeightRenaming]
+        return hf.checkpoint_renamings(model)
     except Exception:  # noqa: BLE001 - renaming is a convenience, never a reason to fail
         return []
 

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .._modules import replace_module
+from ..integrations import hf_adapter as hf
 from ..integrations.transformers import ArchitectureSpec
 from .comm import ParallelContext
 
@@ -113,14 +114,14 @@ def split_pipeline(model: nn.Module, spec: ArchitectureSpec, layers: tuple[int, 
         if not layers[0] <= i < layers[1]:
             swaps.append((f"{spec.layers}.{i}", type(blocks[i]).__name__, f"SkippedLayer (stage {ctx.stage})"))
             blocks[i] = SkippedLayer(i, blocks[i])
-    hidden = model.config.get_text_config().hidden_size
+    hidden = hf.text_config(model.config).hidden_size
     if not first:
         for role in ("embed", "pos_embed"):
             if role in spec.model_roles:
                 replace_module(model, spec.model_roles[role], EmbeddingStandIn(hidden, model.dtype))
                 swaps.append((spec.model_roles[role], "Embedding", "EmbeddingStandIn"))
     if not last:
-        vocab = model.config.get_text_config().vocab_size
+        vocab = hf.text_config(model.config).vocab_size
         replace_module(model, spec.model_roles["final_norm"], nn.Identity())
         replace_module(model, spec.model_roles["lm_head"], LogitsStandIn(vocab))
         swaps.append((spec.model_roles["lm_head"], "Linear", "LogitsStandIn"))
@@ -133,7 +134,7 @@ def split_pipeline(model: nn.Module, spec: ArchitectureSpec, layers: tuple[int, 
     hooks.append(model.register_forward_hook(rt.share_logits))
     model._hetero_pp_hooks = hooks
     model.hetero_pipeline = rt
-    model.forward = _micro_batched(model.forward, rt, micro_batches, ctx.pp)
+    model.forward = _micro_batched(model.forward, rt, micro_batches, ctx.pp, hf.cache_argument(model))
     return swaps
 
 
@@ -143,22 +144,26 @@ def _batch_size(kwargs) -> int:
     return 0 if ids is None else ids.shape[0]
 
 
+def _given_cache(kwargs) -> tuple[str | None, object]:
+    """(keyword, cache) of the KV cache in a forward's kwargs (its name depends on the release)."""
+    return next(((n, kwargs[n]) for n in hf.CACHE_ARGUMENTS if kwargs.get(n) is not None), (None, None))
+
+
 def _splittable_prompt(kwargs) -> bool:
     """A prompt (several tokens) into an empty dynamic cache, with at most a 2-D padding mask.
     A static cache comes with a 4-D mask sized for it (generate() builds it), so such a
     prompt runs whole."""
-    from transformers import DynamicCache
-
     ids = kwargs.get("input_ids")
     ids = ids if ids is not None else kwargs.get("inputs_embeds")
-    cache, mask = kwargs.get("past_key_values"), kwargs.get("attention_mask")
-    fresh_cache = cache is None or (type(cache) is DynamicCache and cache.get_seq_length() == 0)
+    cache, mask = _given_cache(kwargs)[1], kwargs.get("attention_mask")
+    fresh_cache = cache is None or (type(cache) is hf.dynamic_cache_class() and cache.get_seq_length() == 0)
     return ids is not None and ids.shape[1] > 1 and fresh_cache and (mask is None or mask.dim() == 2)
 
 
-def _micro_batched(forward, rt: PipelineRuntime, micro_batches: int, pp: int):
-    """forward(**kwargs) that cuts a batched prompt into micro-batches so the stages overlap."""
-    from transformers import DynamicCache
+def _micro_batched(forward, rt: PipelineRuntime, micro_batches: int, pp: int, cache_arg: str):
+    """forward(**kwargs) that cuts a batched prompt into micro-batches so the stages overlap.
+    `cache_arg`: the keyword the model's forward takes its KV cache under."""
+    DynamicCache = hf.dynamic_cache_class()
 
     def run(*args, **kwargs):
         batch = _batch_size(kwargs)
@@ -167,7 +172,8 @@ def _micro_batched(forward, rt: PipelineRuntime, micro_batches: int, pp: int):
             return forward(*args, **kwargs)
         bounds = torch.linspace(0, batch, pieces + 1).round().long().tolist()
         use_cache = kwargs.get("use_cache", True) is not False
-        target = kwargs.get("past_key_values")
+        given, target = _given_cache(kwargs)
+        kwargs.pop(given, None)
         if use_cache and target is None:
             target = DynamicCache()
         outputs, caches = [], []
@@ -176,8 +182,8 @@ def _micro_batched(forward, rt: PipelineRuntime, micro_batches: int, pp: int):
             part = {k: (v[lo:hi] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == batch
                         and k != "cache_position" else v) for k, v in kwargs.items()}
             if use_cache:
-                part["past_key_values"] = DynamicCache()
-                caches.append(part["past_key_values"])
+                part[cache_arg] = DynamicCache()
+                caches.append(part[cache_arg])
             outputs.append(forward(**part))
         out = outputs[-1]
         out.logits = torch.cat([o.logits for o in outputs])
@@ -185,7 +191,7 @@ def _micro_batched(forward, rt: PipelineRuntime, micro_batches: int, pp: int):
             for i in range(len(caches[0].layers)):
                 target.update(torch.cat([c.layers[i].keys for c in caches]),
                               torch.cat([c.layers[i].values for c in caches]), i)
-            out.past_key_values = target
+            hf.set_output_cache(out, target)
         return out
 
     return run

@@ -8,6 +8,7 @@ from torch import nn
 from ..config import Options, PruneConfig
 from ..errors import HardwareError
 from ..hardware import Hardware
+from ..integrations import hf_adapter as hf
 from ..integrations.transformers import (map_roles, model_type_of, require_spec,
                                          spec_for)
 from ..kernels.cpu_vnni import K_MULTIPLE as VNNI_K_MULTIPLE
@@ -200,7 +201,7 @@ def _tied(model: nn.Module) -> set[str]:
 def _kv_bytes_per_token(model: nn.Module, dtype_bytes: int) -> tuple[float, int]:
     """(KV-cache bytes one layer stores per token, hidden size), from the model's config."""
     cfg = getattr(model, "config", None)
-    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    cfg = hf.text_config(cfg)
     hidden = int(getattr(cfg, "hidden_size", 0) or getattr(cfg, "n_embd", 0) or 0)
     heads = int(getattr(cfg, "num_attention_heads", 0) or getattr(cfg, "n_head", 0) or 1)
     kv_heads = int(getattr(cfg, "num_key_value_heads", 0) or heads)
@@ -287,7 +288,7 @@ def make_plan(model: nn.Module, hardware: Hardware, options: Options, *, strict:
             notes.append(f"the weights ({prediction.weight_mb_after / 1024:.1f} GiB) exceed the CPU's "
                          f"{budget / 2**30:.1f} GiB: the model does not fit this machine (no disk offload)")
     settings = {}
-    if hasattr(model, "set_attn_implementation"):
+    if hf.can_set_attention(model):
         settings["attn_implementation"] = "hetero_llm" if backend == "triton" else "sdpa"
     settings["kernels"] = backend
     multi_device = parallel is not None or bool(device_map) or bool(offload)
