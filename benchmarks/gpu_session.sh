@@ -62,7 +62,7 @@ case "${1:-check}" in
   e2e-b8)
     stage e2e-8b-b8 $PY benchmarks/e2e_gpu.py --models llama3-8b --batches 8 --json "$OUT/e2e_8b_b8.json" ;;
   kernels)
-    stage kernels $PY benchmarks/kernels.py --json "$OUT/kernels.json"
+    stage kernels $PY benchmarks/gpu_kernels.py --json "$OUT/kernels.json"
     stage int8-linear $PY benchmarks/gpu_int8_linear.py --json "$OUT/int8_linear.json"
     stage prefill $PY benchmarks/e2e_prefill_gpu.py
     stage split $PY benchmarks/split_gpu.py --json "$OUT/split.json" ;;

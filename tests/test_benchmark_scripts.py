@@ -1,7 +1,7 @@
 """The GPU benchmark scripts' code paths, run once on CPU with tiny shapes.
 
 A lent GPU is rare and its time is short: a typo in a benchmark must not cost it. This runs
-each function of benchmarks/kernels.py under Triton's interpreter (in a child process, which
+each function of benchmarks/gpu_kernels.py under Triton's interpreter (in a child process, which
 must set TRITON_INTERPRET before triton is imported) in fp32 at toy sizes, and checks the rows
 and the target summary it would print. The figures mean nothing here.
 """
@@ -22,7 +22,7 @@ SMOKE = r"""
 import json, sys
 import torch
 sys.path.insert(0, "benchmarks")
-import kernels as K
+import gpu_kernels as K
 K.DEVICE, K.DTYPE = "cpu", torch.float32
 rows = (K.bench_prefill(40, 2, 2, 1, d=64) + K.bench_prefill(40, 4, 2, 1, d=64)
         + K.bench_decode(300, 1, 1, h=4, hk=2, d=64) + K.bench_linear_add(3, 40, 48, 1, K._linear_add_eager)
@@ -53,7 +53,7 @@ def test_benchmark_scripts_say_so_without_a_gpu():
 
     if torch.cuda.is_available():
         pytest.skip("a GPU is here: the scripts would run the full benchmarks")
-    for script in ("kernels.py", "e2e_prefill_gpu.py", "gpu_int8_linear.py", "e2e_gpu.py"):
+    for script in ("gpu_kernels.py", "e2e_prefill_gpu.py", "gpu_int8_linear.py", "e2e_gpu.py"):
         proc = subprocess.run([sys.executable, f"benchmarks/{script}"], cwd=REPO, capture_output=True, text=True,
                               timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]

@@ -7,9 +7,9 @@
 from ._version import __version__
 from .api import accelerate, plan
 from .config import KernelConfig, Options, PlacementConfig, PruneConfig, QuantConfig
-from .errors import (AlreadyAcceleratedError, DistributedError, ExportError, ForeignQuantizationError, HardwareError,
+from .errors import (AccuracyError, AlreadyAcceleratedError, DistributedError, ExportError, ForeignQuantizationError, HardwareError,
                      HeteroLLMError, HeteroLLMWarning, InvalidOptionError, MetaDeviceError, ModelLoadError,
-                     NonFiniteWeightError, NotAModelError, PlanMismatchError, TritonSetupError,
+                     NonFiniteWeightError, NotAModelError, PlanMismatchError, SelfCheckError, TritonSetupError,
                      UnsupportedArchitectureError)
 from .export import export_onnx
 from .hardware import Hardware, hardware_profile, inspect_hardware
@@ -22,5 +22,5 @@ __all__ = [
     "HeteroLLMError", "HeteroLLMWarning", "NotAModelError", "UnsupportedArchitectureError",
     "MetaDeviceError", "ForeignQuantizationError", "InvalidOptionError", "AlreadyAcceleratedError",
     "PlanMismatchError", "HardwareError", "ModelLoadError", "NonFiniteWeightError", "DistributedError",
-    "ExportError", "TritonSetupError", "export_onnx",
+    "ExportError", "TritonSetupError", "SelfCheckError", "AccuracyError", "export_onnx",
 ]

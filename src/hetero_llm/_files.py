@@ -12,6 +12,21 @@ from pathlib import Path
 from .errors import HeteroLLMError
 
 
+def cache_dir() -> Path:
+    """Where hetero_llm keeps what it computes once (converted models, CPU measurements, self-check
+    verdicts): ``$HETERO_LLM_CACHE``, else ``~/.cache/hetero_llm``."""
+    env = os.environ.get("HETERO_LLM_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "hetero_llm"
+
+
+def write_text_atomically(path: Path, text: str) -> None:
+    """Write `path` so that a concurrent reader sees the old file or the new one, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -24,6 +24,7 @@ from .prune.semi_sparse import semi_sparse_pass
 from .quant.apply import calibrated_modules, check_quantizable, quantize_pass
 from .integrations.transformers import spec_by_family
 from .quant.calibrate import activation_absmax
+from .selfcheck import verify_plan
 
 # Passes in the order of the data flow: prune -> quantize -> shard -> place -> kernels.
 # prune_pass and quantize_pass run first, each with the calibration statistics it may need
@@ -213,6 +214,8 @@ def accelerate(model: nn.Module, *, plan: Plan | None = None, hardware: Hardware
     ctx = None
     if chosen.parallel is not None:  # join the torchrun job before the first change; rank 0's plan wins
         ctx, chosen = join_job(chosen)
+    # Before the first change: the swaps must reproduce transformers' modules on this install.
+    chosen = verify_plan(model, chosen, strict=strict)
     check_plan_matches(planned_model(model, chosen), chosen)
     if checkpoint is not None:
         if prune_config(chosen).method != "none":

@@ -115,8 +115,23 @@ def _set_threads(n: int | None) -> None:
         torch.set_num_threads(n)
 
 
+def _judge(model, agreed, args) -> str | None:
+    """Why the accelerated model's tokens fail its bar (evaluate.agreement.verdict), or None."""
+    from .evaluate.agreement import verdict
+    quantized = bool(model.hetero_plan.by_action("quantize"))
+    return verdict(agreed, "int8" if quantized else "none", pruned=str(args.prune).lower() != "none")
+
+
+def _refuse_if_failed(failure: str | None) -> None:
+    if failure:
+        from .errors import AccuracyError
+        raise AccuracyError(f"hetero_llm: {failure}. Its speed is not a speedup; please report this with the "
+                            "model, the options and `pip list` (transformers version).")
+
+
 def cmd_bench(args) -> int:
     from .evaluate import format_table, run_bench, save_chart, save_json
+    from .evaluate.agreement import Agreement
     _set_threads(args.threads)
     variants, tokenizer = _variants(args)
     print(variants["hetero_llm"].hetero_plan)
@@ -128,6 +143,10 @@ def cmd_bench(args) -> int:
         result = run_bench(variants, tokenizer, repeats=args.repeats, new_tokens=args.new_tokens,
                            prompt_len=args.prompt_len, perplexity_tokens=args.ppl_tokens or None,
                            progress=not args.quiet, model_name=args.model)
+    ours = result.variant("hetero_llm")
+    ours.accuracy_failure = _judge(variants["hetero_llm"],
+                                   Agreement(ours.tokens_identical, ours.token_agreement, ours.first_difference,
+                                             result.settings["agreement_tokens"]), args)
     print(format_table(result))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -137,6 +156,7 @@ def cmd_bench(args) -> int:
         print(f"wrote {save_chart(result, out / 'bench.png')}")
     except HeteroLLMError as exc:  # matplotlib missing: the table and JSON still stand
         print(f"chart skipped: {exc}")
+    _refuse_if_failed(ours.accuracy_failure)
     return 0
 
 
@@ -153,15 +173,34 @@ def cmd_eval(args) -> int:
         models["torch-dynamic-int8"] = torch_dynamic_int8(load_model(args.model)[0])
     results = {name: perplexity(m, tokenizer, text, max_tokens=args.max_tokens or None, window=args.window,
                                 progress=not args.quiet) for name, m in models.items()}
+    agreed = _eval_agreement(models, tokenizer, args.agreement_tokens)
+    failure = _judge(models["hetero_llm"], agreed["hetero_llm"], args) if agreed else None
     base = results["original"].perplexity
-    print(f"{'variant':<20} {'perplexity':>10} {'vs original':>12} {'tokens':>7}")
+    print(f"{'variant':<20} {'perplexity':>10} {'vs original':>12} {'tokens':>7} {'greedy tokens vs original':>26}")
     for name, r in results.items():
-        print(f"{name:<20} {r.perplexity:>10.4f} {100 * (r.perplexity / base - 1):>+11.2f}% {r.tokens:>7}")
+        tokens = agreed[name].describe() if name in agreed else "-"
+        print(f"{name:<20} {r.perplexity:>10.4f} {100 * (r.perplexity / base - 1):>+11.2f}% {r.tokens:>7} "
+              f"{tokens:>26}")
+    if failure:
+        print(f"hetero_llm: FAILED: {failure}")
     if args.json:
-        Path(args.json).write_text(json.dumps({n: vars(r) if hasattr(r, "__dict__") else r._asdict()
-                                               for n, r in results.items()}, indent=2))
+        out = {n: {**(vars(r) if hasattr(r, "__dict__") else r._asdict()),
+                   **({"greedy_tokens": vars(agreed[n])} if n in agreed else {})} for n, r in results.items()}
+        Path(args.json).write_text(json.dumps(out, indent=2))
         print(f"wrote {args.json}")
+    _refuse_if_failed(failure)
     return 0
+
+
+def _eval_agreement(models: dict, tokenizer, new_tokens: int) -> dict:
+    """Greedy tokens of each model on the bench's chat prompt against the original's."""
+    if not new_tokens:
+        return {}
+    from .evaluate.agreement import agreement, greedy_tokens
+    from .evaluate.timing import chat_prompt_ids
+    prompt = chat_prompt_ids(tokenizer)
+    reference = greedy_tokens(models["original"], prompt, new_tokens)
+    return {name: agreement(m, prompt, reference) for name, m in models.items() if name != "original"}
 
 
 def cmd_check_predictions(args) -> int:
@@ -242,6 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=8192, help="0 scores the whole text")
     p.add_argument("--window", type=int, default=512)
     p.add_argument("--peer", action="store_true", help="also score torch's quantize_dynamic")
+    p.add_argument("--agreement-tokens", type=int, default=128,
+                   help="greedy tokens compared with the original's on the bench prompt (0 skips the check)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", default=None, help="write the results to this JSON file")
     p.add_argument("--quiet", action="store_true")

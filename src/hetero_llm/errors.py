@@ -59,5 +59,20 @@ class TritonSetupError(HeteroLLMError, RuntimeError):
     """PyTriton is missing, or this Python environment cannot host Triton's Python stub."""
 
 
+class SelfCheckError(HeteroLLMError):
+    """A module hetero_llm would swap in does not reproduce transformers' own on the installed
+    transformers release (checked on a tiny model of the same config before anything changes).
+    `parts` names what differed."""
+
+    def __init__(self, message: str, parts: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.parts = tuple(parts)
+
+
+class AccuracyError(HeteroLLMError):
+    """An accelerated model's output is not the original's (quantize="none": tokens differ; INT8:
+    agreement under the floor), so its speed figures are not reported as speedups."""
+
+
 class HeteroLLMWarning(UserWarning):
     """Something was changed or skipped that the user should know about."""

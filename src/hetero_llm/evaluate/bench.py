@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from ..errors import InvalidOptionError
+from .agreement import AGREEMENT_TOKENS, agreement, greedy_tokens
 from .perplexity import model_device, perplexity
 from .timing import (
     PeakRSS,
@@ -48,6 +49,12 @@ class VariantResult:
     weight_mb: float
     peak_rss_delta_mb: float
     perplexity: float | None
+    # Greedy tokens on the decode prompt against the baseline's (evaluate.agreement): the speed of a
+    # variant whose output is not the original's is no speedup. None when not measured.
+    tokens_identical: bool | None = None
+    token_agreement: float | None = None
+    first_difference: int | None = None
+    accuracy_failure: str | None = None  # set by the caller that knows the variant's bar
 
 
 @dataclass
@@ -110,6 +117,7 @@ def _settings(repeats, new_tokens, prompt_len, warmup, ppl_tokens) -> dict:
         "warmup": warmup,
         "ppl_tokens": ppl_tokens,
         "ppl_window": PPL_WINDOW,
+        "agreement_tokens": AGREEMENT_TOKENS,
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "threads": torch.get_num_threads(),
@@ -164,8 +172,18 @@ def _warm_up(variants, inputs, warmup, new_tokens, bar) -> None:
             bar.update()
 
 
-def _summarize(name, model, runs: _Runs, ppl: float | None) -> VariantResult:
+def _agreements(variants, inputs, new_tokens: int) -> dict:
+    """Each variant's greedy tokens on the decode prompt against the baseline's (the first)."""
+    names = list(variants)
+    reference = greedy_tokens(variants[names[0]], inputs[names[0]][0], new_tokens)
+    return {name: agreement(variants[name], inputs[name][0], reference) for name in names[1:]}
+
+
+def _summarize(name, model, runs: _Runs, ppl: float | None, agreed=None) -> VariantResult:
     return VariantResult(
+        tokens_identical=True if agreed is None else agreed.identical,
+        token_agreement=1.0 if agreed is None else agreed.agreement,
+        first_difference=None if agreed is None else agreed.first_difference,
         name=name,
         decode_tok_s=statistics.median(runs.decode[name]),
         prefill_tok_s=statistics.median(runs.prefill[name]),
@@ -226,6 +244,8 @@ def run_bench(
         for r in range(repeats):
             order = names[r % len(names) :] + names[: r % len(names)]
             _measure_round(variants, inputs, order, new_tokens, runs, bar)
+        bar.set_postfix_str("token agreement")
+        agreed = _agreements(variants, inputs, AGREEMENT_TOKENS)
         for name in names if do_ppl else ():
             bar.set_postfix_str(f"{name} perplexity")
             ppl[name] = perplexity(
@@ -233,6 +253,6 @@ def run_bench(
                 window=PPL_WINDOW, progress=False,
             ).perplexity
             bar.update()
-    results = [_summarize(name, variants[name], runs, ppl[name]) for name in names]
+    results = [_summarize(name, variants[name], runs, ppl[name], agreed.get(name)) for name in names]
     settings = _settings(repeats, new_tokens, prompt_len, warmup, perplexity_tokens or None)
     return BenchResult(model=model_name, variants=results, settings=settings, baseline=names[0])

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from .._files import cache_dir
 from ..errors import ModelLoadError
 from ..integrations.hf_adapter import gguf_load_kwargs
 
@@ -24,12 +25,6 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_CACHE_NAME = "smollm2-135m-instruct"
 SMOLLM2_ALIASES = frozenset({"smollm2", "smollm2-135m", "smollm2-135m-instruct"})
 _REQUIRED_FILES = ("config.json", "model.safetensors")
-
-
-def cache_dir() -> Path:
-    """Where converted models live: ``$HETERO_LLM_CACHE``, else ``~/.cache/hetero_llm``."""
-    env = os.environ.get("HETERO_LLM_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "hetero_llm"
 
 
 def smollm2_gguf() -> Path:

@@ -22,24 +22,34 @@ def _num(value: float | None, digits: int) -> str:
     return "-" if value is None else f"{value:,.{digits}f}"
 
 
+def _tokens(v) -> str:
+    """Greedy tokens against the baseline's: "identical", or the teacher-forced agreement."""
+    if v.tokens_identical is None:
+        return "-"
+    return "identical" if v.tokens_identical else f"{100 * v.token_agreement:.1f}%"
+
+
 def _rows(result: BenchResult) -> list[list[str]]:
     base = result.baseline
     header = [
         "variant", "decode tok/s", f"vs {base}", "prefill tok/s", f"vs {base}",
-        "weights MB", "peak RSS +MB", "perplexity", f"ppl vs {base}",
+        "weights MB", "peak RSS +MB", "perplexity", f"ppl vs {base}", f"tokens vs {base}",
     ]
     rows = [header]
     for v in result.variants:
+        # Wrong output is no speedup: its ratios are not shown as one.
+        speed = (lambda ratio: "FAIL") if v.accuracy_failure else _x
         rows.append([
             v.name,
             _num(v.decode_tok_s, 1),
-            _x(result.ratio(v.name, "decode_tok_s")),
+            speed(result.ratio(v.name, "decode_tok_s")),
             _num(v.prefill_tok_s, 1),
-            _x(result.ratio(v.name, "prefill_tok_s")),
+            speed(result.ratio(v.name, "prefill_tok_s")),
             _num(v.weight_mb, 1),
             _num(v.peak_rss_delta_mb, 1),
             _num(v.perplexity, 3),
             _pct(result.ratio(v.name, "perplexity")),
+            _tokens(v),
         ])
     return rows
 
@@ -58,7 +68,7 @@ def _align(rows: list[list[str]]) -> list[str]:
 def _peer_lines(result: BenchResult) -> list[str]:
     """One line per (hetero_llm, peer) pair present, ratios taken between the two."""
     names = {v.name for v in result.variants}
-    if ACCELERATED not in names:
+    if ACCELERATED not in names or result.variant(ACCELERATED).accuracy_failure:
         return []
     lines = []
     # ONNX Runtime sides (`hetero-llm bench --onnx`) run our exported model: compared the same way.
@@ -100,6 +110,9 @@ def format_table(result: BenchResult) -> str:
     peer_lines = _peer_lines(result)
     if peer_lines:
         lines += ["", *peer_lines]
+    failures = [f"{v.name}: FAILED: {v.accuracy_failure}" for v in result.variants if v.accuracy_failure]
+    if failures:
+        lines += ["", *failures]
     return "\n".join(lines)
 
 

@@ -33,6 +33,7 @@ from .._files import sha256_file, written_atomically
 from .._version import __version__
 from ..errors import (DistributedError, ExportError, InvalidOptionError, MetaDeviceError, NotAModelError,
                       UnsupportedArchitectureError)
+from ..integrations.hf_adapter import cache_argument, cache_from_pairs, cache_pairs, output_cache
 from ..integrations.transformers import spec_for, supported_model_types
 from ..quant.w8a8 import W8A8Linear
 from . import onnx_graph

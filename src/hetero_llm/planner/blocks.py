@@ -94,11 +94,10 @@ def plan_fusions(entries: dict[str, PlanEntry], groups, options: Options, cm: Co
     return out
 
 
-def residual_fusions(model: nn.Module, spec: ArchitectureSpec | None, entries: dict[str, PlanEntry],
-                     fusions: list[Fusion], cm: CostModel) -> list[Fusion]:
-    """Llama-style blocks whose residual adds go into the o/down matmuls (linear_add) or the
-    post-attention norm (add + RMSNorm): the block's attention, MLP and both norms must all be
-    swapped for fused modules, and the block must have nothing else."""
+def decoder_layer_fusions(model: nn.Module, spec: ArchitectureSpec | None, entries: dict[str, PlanEntry],
+                          fusions: list[Fusion]) -> list[Fusion]:
+    """Llama-style blocks whose forward may be the fused layer forward: the block's attention,
+    MLP and both norms are all swapped for fused modules, and the block has nothing else."""
     from ..kernels.decoder_layer import LAYER_CHILDREN
 
     if spec is None or spec.attention_style != "rotary" or not spec.gated_mlp_act:
@@ -107,13 +106,23 @@ def residual_fusions(model: nn.Module, spec: ArchitectureSpec | None, entries: d
     out = []
     for i, layer in enumerate(model.get_submodule(spec.layers)):
         prefix = f"{spec.layers}.{i}"
-        parts = {r: f"{prefix}.{spec.roles[r]}" for r in ("attention", "mlp", "attn_norm", "mlp_norm", "o", "down")}
-        norms = [entries.get(parts[r]) for r in ("attn_norm", "mlp_norm")]
-        if (set(dict(layer.named_children())) != LAYER_CHILDREN or not {parts["attention"], parts["mlp"]} <= swapped
-                or any(e is None or e.kernel != "triton-rms_norm" for e in norms)):
-            continue
-        out.append(Fusion(prefix, tuple(parts[r] for r in ("attention", "mlp", "attn_norm", "mlp_norm")),
-                          "decoder_layer"))
+        parts = [f"{prefix}.{spec.roles[r]}" for r in ("attention", "mlp", "attn_norm", "mlp_norm")]
+        norms = [entries.get(p) for p in parts[2:]]
+        if (set(dict(layer.named_children())) == LAYER_CHILDREN and set(parts[:2]) <= swapped
+                and all(e is not None and e.action == "swap" for e in norms)):
+            out.append(Fusion(prefix, tuple(parts), "decoder_layer"))
+    return out
+
+
+def residual_fusions(model: nn.Module, spec: ArchitectureSpec | None, entries: dict[str, PlanEntry],
+                     fusions: list[Fusion], cm: CostModel) -> list[Fusion]:
+    """Blocks of `decoder_layer_fusions` on the Triton path, whose residual adds go into the o/down
+    matmuls (linear_add) or the post-attention norm (add + RMSNorm)."""
+    out = [f for f in decoder_layer_fusions(model, spec, entries, fusions)
+           if all(entries[n].kernel == "triton-rms_norm" for n in f.members[2:])]
+    for f in out:
+        prefix = f.name
+        parts = {r: f"{prefix}.{spec.roles[r]}" for r in ("mlp_norm", "o", "down")}
         for role in ("o", "down"):
             e = entries[parts[role]]
             saved = cm.add_us()

@@ -28,6 +28,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .._files import cache_dir, write_text_atomically
 from .._version import __version__
 from ..hardware import Hardware
 
@@ -239,7 +240,7 @@ def _block_costs(linears: dict[str, LinearCost], norm_us: dict[str, float],
     int8 = next((k for k in ("cpu-vnni:int8", "cpu-int8pack:int8") if k in linears), linear_key)
     quantize = "int8" if int8 != linear_key else "none"
     styles = {"sdpa": (lambda m: m, 7, "torch", linear_key),  # q, k, v, o, gate, up, down; transformers' norm
-              "rotary": (lambda m: accelerate(m, quantize=quantize, hardware=_no_measure_hardware()),
+              "rotary": (lambda m: accelerate(m, quantize=quantize, hardware=_no_measure_hardware(), strict=False),
                          4, "torch-rms_norm", int8)}  # fused qkv, o, fused gate_up, down
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -301,8 +302,7 @@ def measure_cpu() -> DeviceCosts:
 
 
 def _cache_dir() -> Path:
-    env = os.environ.get("HETERO_LLM_CACHE")
-    return (Path(env).expanduser() if env else Path.home() / ".cache" / "hetero_llm") / "machine"
+    return cache_dir() / "machine"
 
 
 def machine_key(hardware: Hardware) -> str:
@@ -327,10 +327,7 @@ def cached_cpu_costs(hardware: Hardware, *, refresh: bool = False) -> DeviceCost
             pass  # a damaged or older file: measure again
     print("hetero_llm: measuring this CPU for the cost model (once; cached)...", file=sys.stderr, flush=True)
     costs = measure_cpu()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(costs.to_dict(), indent=1))
-    os.replace(tmp, path)  # atomic: a concurrent reader sees the old file or the new one
+    write_text_atomically(path, json.dumps(costs.to_dict(), indent=1))
     return costs
 
 

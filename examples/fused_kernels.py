@@ -1,7 +1,7 @@
 """The fused kernels on their own, and inside a model.
 
-    python examples/triton_kernels.py                      # GPU: Triton kernels; CPU: torch paths
-    TRITON_INTERPRET=1 python examples/triton_kernels.py   # CPU: the Triton kernels, interpreted (slow)
+    python examples/fused_kernels.py                      # GPU: Triton kernels; CPU: torch paths
+    TRITON_INTERPRET=1 python examples/fused_kernels.py   # CPU: the Triton kernels, interpreted (slow)
 
 The four public functions take ordinary tensors and work on any device: on a CUDA GPU with
 Triton they launch the Triton kernels, elsewhere they run the same math with torch ops. Under

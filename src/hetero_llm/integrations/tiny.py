@@ -1,0 +1,77 @@
+"""A tiny model of the same architecture as a given config: two layers, small widths, the same
+attention, rotary, norm and cache settings. The self-check runs hetero_llm's swaps on it."""
+from __future__ import annotations
+
+import copy
+
+import torch
+
+# Sizes shrunk wherever a config has them (as ints); everything else is kept as the model has it.
+# Heads are chosen so every width stays consistent: 4 heads of 16 in a hidden size of 64.
+TINY_SIZES = {
+    "hidden_size": 64, "n_embd": 64, "d_model": 64,
+    "intermediate_size": 128, "ffn_dim": 128, "n_inner": 128,
+    "moe_intermediate_size": 32, "shared_expert_intermediate_size": 64,
+    "num_hidden_layers": 2, "n_layer": 2, "num_layers": 2,
+    "num_attention_heads": 4, "n_head": 4,
+    "head_dim": 16,
+    "num_local_experts": 4, "num_experts": 4, "n_routed_experts": 4, "num_experts_per_tok": 2,
+    "vocab_size": 512,
+}
+TINY_LAYERS = 2
+TINY_WINDOW = 8  # a sliding window shorter than the self-check's sequences, so windows are exercised
+# Larger than transformers' usual 0.02, so a tiny random model's logits are far apart and a wrong
+# swap shows as a clear difference rather than a near-tie.
+TINY_INIT_RANGE = 0.1
+
+
+def _kv_heads(original: int | None, heads: int | None) -> int | None:
+    if original is None or heads is None:
+        return original
+    if original == heads:
+        return TINY_SIZES["num_attention_heads"]
+    return 1 if original == 1 else 2  # grouped-query attention stays grouped
+
+
+def _layer_types(types: list, layers: int) -> list:
+    """The first layer of each kind, in order, then repeated: a tiny model keeps every kind."""
+    kinds = list(dict.fromkeys(types))[:layers]
+    return (kinds * layers)[:layers]
+
+
+def tiny_config(config):
+    """A copy of `config` with TINY_SIZES, two layers (of every layer kind it has), a short sliding
+    window, special tokens inside the small vocabulary and the KV cache on."""
+    d = config.to_dict()
+    heads = d.get("num_attention_heads", d.get("n_head"))
+    for key, size in TINY_SIZES.items():
+        if isinstance(d.get(key), int) and not isinstance(d.get(key), bool):
+            d[key] = size
+    if isinstance(d.get("num_key_value_heads"), int):
+        d["num_key_value_heads"] = _kv_heads(d["num_key_value_heads"], heads)
+    if isinstance(d.get("layer_types"), list) and d["layer_types"]:
+        d["layer_types"] = _layer_types(d["layer_types"], TINY_LAYERS)
+    if isinstance(d.get("sliding_window"), int):
+        d["sliding_window"] = min(d["sliding_window"], TINY_WINDOW)
+    vocab = d.get("vocab_size", TINY_SIZES["vocab_size"])
+    for key in ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id"):
+        ids = d.get(key)
+        if isinstance(ids, list):
+            d[key] = [i for i in ids if isinstance(i, int) and i < vocab] or None
+        elif isinstance(ids, int) and ids >= vocab:
+            d[key] = None
+    if "initializer_range" in d:
+        d["initializer_range"] = TINY_INIT_RANGE
+    d["use_cache"] = True
+    d.pop("_attn_implementation_autoset", None)
+    d.pop("attn_implementation", None)  # transformers' default for the class (a GPU-only choice may not run here)
+    return type(config).from_dict(d)
+
+
+def tiny_model(model_class: type, config, seed: int = 0) -> torch.nn.Module:
+    """A randomly initialised fp32 `model_class` of `tiny_config(config)`, in eval mode, on the CPU."""
+    tiny = tiny_config(copy.deepcopy(config))
+    torch.manual_seed(seed)
+    with torch.device("cpu"):
+        model = model_class(tiny)
+    return model.float().eval()
