@@ -30,28 +30,8 @@ FUSED_TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4),
 INT8_MIN_COSINE = 0.99
 INT8_MAX_REL_ERR = 5e-2  # max |logit difference| / max |logit|
 
-from tiny_shapes import TINY_SHAPES
-
-NEW_TOKENS = 8
-VOCAB = 256
-BASE = dict(vocab_size=VOCAB, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-            # Larger than the default 0.02 so logits are far from flat and comparisons bite.
-            initializer_range=0.1)
-# OPT takes its init scale from init_std, not initializer_range.
-CONFIGS = {**TINY_SHAPES, "opt": dict(TINY_SHAPES["opt"], init_std=0.1)}
-FAMILIES = tuple(CONFIGS)
-LLAMA_LIKE = ("llama", "mistral", "qwen2", "gemma")
-
-
-def tiny_model(model_type: str, seed: int = 0, **overrides) -> nn.Module:
-    cfg = AutoConfig.for_model(model_type, **{**BASE, **CONFIGS[model_type], **overrides})
-    torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(cfg).eval()
-
-
-def prompt(length: int, seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(3, VOCAB, (1, length), generator=g)  # no pad/bos/eos inside
+from tiny_models import (FAMILIES, LLAMA_LIKE, NEW_TOKENS, VOCAB, left_padded_batch, prompt,
+                         tiny_model)
 
 
 @torch.no_grad()
@@ -78,14 +58,6 @@ def assert_int8_close(got: torch.Tensor, want: torch.Tensor) -> None:
     picked = want.gather(-1, got.argmax(-1, keepdim=True)).squeeze(-1)
     slack = INT8_MAX_REL_ERR * want.abs().max()
     assert (picked >= want.amax(-1) - slack).all()
-
-
-def left_padded_batch(long: torch.Tensor, short: torch.Tensor, pad_id: int = 0):
-    pad = long.shape[1] - short.shape[1]
-    ids = torch.cat([long, torch.cat([torch.full((1, pad), pad_id), short], dim=1)])
-    mask = torch.ones_like(ids)
-    mask[1, :pad] = 0
-    return ids, mask
 
 
 # -- quantize="none": fusions only, must match the original model -------------------------

@@ -1,0 +1,141 @@
+"""accelerate()'s self-check: the swaps are proven against transformers' own modules on the installed
+release before anything changes, and a mismatch is refused (strict) or left out (strict=False)."""
+from __future__ import annotations
+
+import copy
+import json
+import warnings
+
+import pytest
+import torch
+
+import hetero_llm
+from hetero_llm import KernelConfig, selfcheck
+from hetero_llm.errors import HeteroLLMWarning, SelfCheckError
+from hetero_llm.kernels import modules as kernel_modules
+from hetero_llm.planner.swaps import PARTS, plan_parts
+from tiny_models import FAMILIES, LLAMA_LIKE, assert_same_tokens, tiny_model
+
+GPU_PARTS = ("norms", "attention", "mlp", "decoder_layer", "attention_interface", "decode_step")
+
+
+@pytest.fixture(autouse=True)
+def fresh_verdicts(monkeypatch, tmp_path):
+    """Each test starts with no verdict in memory or on disk."""
+    monkeypatch.setattr(selfcheck, "cache_dir", lambda: tmp_path)  # the CPU measurements stay cached
+    monkeypatch.setattr(selfcheck, "_VERDICTS", {})
+
+
+@pytest.fixture
+def cache_ignored(monkeypatch):
+    """The transformers <= 5.24 reading of the KV cache (past_key_values= only) on a release that
+    passes it as cache=: the fused attention then attends the new tokens alone."""
+    original = kernel_modules.RotaryAttention.forward
+
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None,
+                residual=None, cache_lens=None, **kwargs):
+        kwargs.pop("cache", None)
+        return original(self, hidden_states, position_embeddings, attention_mask, None, residual, cache_lens,
+                        **kwargs)
+
+    monkeypatch.setattr(kernel_modules.RotaryAttention, "forward", forward)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_passes_with_the_parts_its_cpu_plan_uses(family):
+    model = tiny_model(family)
+    parts = plan_parts(hetero_llm.plan(model, quantize="none"))
+    verdict = selfcheck.check_parts(model, parts)
+    assert verdict.ok, verdict.failed
+    assert verdict.parts == parts
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("family", LLAMA_LIKE)
+def test_llama_like_families_pass_with_the_gpu_parts(family, backend):
+    """What a GPU plan swaps in (fused layer forward, attention interface, decode step), checked on
+    the CPU: "triton" modules take their torch paths there through the same branches."""
+    model = tiny_model(family, **({"sliding_window": None} if family == "mistral" else {}))
+    verdict = selfcheck.check_parts(model, GPU_PARTS, backend)
+    assert verdict.ok, verdict.failed
+
+
+def test_a_misread_cache_is_caught_and_named(cache_ignored):
+    verdict = selfcheck.check_parts(tiny_model("llama"), ("norms", "attention", "mlp", "decode_step"))
+    assert set(verdict.failed) == {"attention"}  # the decode step needs it: not tried on its own
+    assert "dynamic cache" in verdict.failed["attention"] or "raised" in verdict.failed["attention"]
+
+
+def test_strict_refuses_before_any_change(cache_ignored):
+    model = tiny_model("llama")
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(SelfCheckError) as err:
+        hetero_llm.accelerate(model, quantize="none")
+    assert err.value.parts == ("attention",)
+    assert "strict=False" in str(err.value) and "transformers" in str(err.value)
+    assert not hasattr(model, "hetero_plan")
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not any(type(m).__module__.startswith("hetero_llm") for m in model.modules())
+
+
+@pytest.mark.parametrize("quantize", ["none", "int8"])
+def test_non_strict_keeps_only_the_parts_that_pass(cache_ignored, quantize):
+    original = tiny_model("llama")
+    with pytest.warns(HeteroLLMWarning, match="attention"):
+        accelerated = hetero_llm.accelerate(copy.deepcopy(original), quantize=quantize, strict=False)
+    plan = accelerated.hetero_plan
+    assert "attention" not in plan_parts(plan) and {"norms", "mlp"} <= set(plan_parts(plan))
+    assert any("self-check failed" in n for n in plan.notes)
+    assert not any(isinstance(m, kernel_modules.RotaryAttention) for m in accelerated.modules())
+    if quantize == "none":
+        assert_same_tokens(original, accelerated)
+    else:
+        assert plan.by_action("quantize")  # INT8 linears still apply
+
+
+def test_a_user_plan_is_checked_too(cache_ignored):
+    model = tiny_model("llama")
+    p = hetero_llm.plan(model, quantize="none")
+    with pytest.raises(SelfCheckError):
+        hetero_llm.accelerate(model, plan=p)
+
+
+def test_the_verdict_is_computed_once(monkeypatch):
+    model = tiny_model("qwen2")
+    calls = []
+    real = selfcheck._outputs
+    monkeypatch.setattr(selfcheck, "_outputs", lambda *a: calls.append(1) or real(*a))
+    parts = ("norms", "attention", "mlp")
+    first = selfcheck.check_parts(model, parts)
+    runs = len(calls)
+    assert runs == 2  # the reference, then the swapped model
+    assert selfcheck.check_parts(model, parts) == first and len(calls) == runs  # in memory
+    monkeypatch.setattr(selfcheck, "_VERDICTS", {})
+    assert selfcheck.check_parts(model, parts) == first and len(calls) == runs  # from disk
+    files = list((selfcheck.cache_dir() / "selfcheck").glob("*.json"))
+    assert len(files) == 1 and json.loads(files[0].read_text())["failed"] == {}
+
+
+def test_the_key_follows_what_chooses_the_swaps():
+    model = tiny_model("llama")
+    key = selfcheck._key(model, ("norms",), "torch")
+    assert key == selfcheck._key(copy.deepcopy(model), ("norms",), "torch")
+    assert key != selfcheck._key(model, ("norms", "mlp"), "torch")
+    assert key != selfcheck._key(model, ("norms",), "triton")
+    assert key != selfcheck._key(tiny_model("llama", rms_norm_eps=1e-5), ("norms",), "torch")
+
+
+def test_plans_without_swaps_are_not_checked(monkeypatch):
+    monkeypatch.setattr(selfcheck, "check_parts", lambda *a, **k: pytest.fail("checked"))
+    model = tiny_model("llama")
+    p = hetero_llm.plan(model, quantize="int8", kernels=KernelConfig(backend="torch", fuse_projections=False,
+                                                                     fuse_norms=False))
+    assert plan_parts(p) == ()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", HeteroLLMWarning)
+        assert selfcheck.verify_plan(model, p, strict=True) is p
+
+
+def test_parts_are_the_documented_ones():
+    assert set(PARTS) == {"norms", "attention", "mlp", "projections", "decoder_layer", "attention_interface",
+                          "decode_step"}
