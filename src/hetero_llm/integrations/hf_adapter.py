@@ -189,6 +189,19 @@ def can_set_attention(model: torch.nn.Module) -> bool:
     return hasattr(model, "set_attn_implementation")
 
 
+def supports_attention_implementation(model: torch.nn.Module, name: str) -> bool:
+    """Whether `model.set_attn_implementation(name)` is accepted: SDPA where the class declares
+    `_supports_sdpa` (Gemma 2 does not: soft-capping), a registered name where it declares
+    `_supports_attention_backend` (5.17-5.25)."""
+    if not can_set_attention(model):
+        return False
+    if name == "sdpa":
+        return bool(getattr(model, "_supports_sdpa", False))
+    if name == "eager":
+        return True
+    return bool(getattr(model, "_supports_attention_backend", False))
+
+
 def set_attention_implementation(model: torch.nn.Module, name: str) -> None:
     """Select `name` for this model instance only (transformers raises ValueError for a model
     class that does not take the attention interface)."""

@@ -288,8 +288,12 @@ def make_plan(model: nn.Module, hardware: Hardware, options: Options, *, strict:
             notes.append(f"the weights ({prediction.weight_mb_after / 1024:.1f} GiB) exceed the CPU's "
                          f"{budget / 2**30:.1f} GiB: the model does not fit this machine (no disk offload)")
     settings = {}
-    if hf.can_set_attention(model):
-        settings["attn_implementation"] = "hetero_llm" if backend == "triton" else "sdpa"
+    attention = "hetero_llm" if backend == "triton" else "sdpa"
+    if spec is not None and hf.supports_attention_implementation(model, attention):
+        settings["attn_implementation"] = attention
+    elif spec is not None:
+        notes.append(f"attention: {type(model).__name__} does not take the {attention!r} implementation; "
+                     "its own stays")
     settings["kernels"] = backend
     multi_device = parallel is not None or bool(device_map) or bool(offload)
     settings["decode"], decode_note = choose_decode(model, spec, options, device, fusions, multi_device)
