@@ -130,3 +130,17 @@ def test_e2e_benchmark_smoke_loads_smollm2(tmp_path):
     assert ppl["hetero bf16"] == pytest.approx(ppl["eager"], rel=1e-3)  # fp32 on the CPU: the same model
     assert ppl["hetero int8"] == pytest.approx(ppl["eager"], rel=0.05)
     assert result["summary"][0].startswith("MISSED not measured")  # the targets are read on the 8B shape
+
+
+def test_gpu_check_smoke_runs_every_stage_on_cpu(tmp_path):
+    """benchmarks/gpu_check.sh is what a lent GPU runs, once, in 10 minutes: its --smoke path runs
+    every stage here so that a typo cannot waste that time."""
+    env = dict(os.environ, OUT=str(tmp_path), PYTHON=sys.executable)
+    proc = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--smoke"], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    summary = proc.stdout.split("== gpu_check summary")[1]
+    for stage in ("env", "e2e-tiny", "e2e-8b-b1", "gpu-tests"):
+        assert f"{stage}: rc=0" in summary, summary
+    assert "MET" in summary or "MISSED" in summary  # the target lines are read from the logs
+    assert (tmp_path / "e2e_8b_b1.json").is_file() and (tmp_path / "gpu-tests.log").is_file()

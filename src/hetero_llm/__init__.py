@@ -15,6 +15,9 @@ from .export import export_onnx
 from .hardware import Hardware, hardware_profile, inspect_hardware
 from .planner import Plan, PlanEntry
 from .serialize import load, save
+from .integrations.hf_adapter import warn_if_untested as _warn_if_untested
+
+_warn_if_untested()
 
 __all__ = [
     "__version__", "accelerate", "plan", "save", "load", "inspect_hardware", "hardware_profile", "Hardware", "Plan",

@@ -39,7 +39,9 @@ from .integrations.transformers import spec_for
 from .kernels.apply import kernels_pass
 from .kernels.triton_utils import interpreted
 from .planner import Plan, make_plan
-from .planner.swaps import PARTS, REQUIRES, plan_parts, with_only_parts, with_requirements_removed, without_parts
+from .planner.swaps import (PARTS, REQUIRES, plan_parts, quantized_groups, with_only_parts,
+                            with_requirements_removed, without_linear_groups, without_parts)
+from .quant.apply import quantize_pass
 
 CHECK_VERSION = 1
 NEW_TOKENS = 6
@@ -47,6 +49,9 @@ PROMPT_LEN = 7
 # Relative to the largest |logit|: the swaps reorder float sums (~1e-7 in fp32); a convention
 # misread (a cache not used, a mask ignored, a norm's offset lost) differs by far more.
 LOGIT_RTOL = 1e-4
+# INT8 per-channel weights keep a tiny model's logits at cosine > 0.999; a linear whose weight the
+# model bypasses (reads as a float tensor) does not.
+INT8_MIN_COSINE = 0.98
 
 _VERDICTS: dict[str, "Verdict"] = {}
 
@@ -110,12 +115,21 @@ def _quiet():
         logger.setLevel(level)
 
 
-def _outputs(model: nn.Module, vocab: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Per scenario: (generated tokens, logits of every step) of greedy generation."""
+def _outputs(model: nn.Module, vocab: int, names=None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per scenario: (generated tokens, logits of every step) of greedy generation. `names=None`:
+    every scenario the model runs (one transformers itself cannot run for this model is left out);
+    otherwise exactly those, any failure raised."""
     out = {}
     with _quiet(), torch.no_grad():
         for name, inputs in _scenarios(vocab):
-            result = model.generate(**inputs, generation_config=_generation_config())
+            if names is not None and name not in names:
+                continue
+            try:
+                result = model.generate(**inputs, generation_config=_generation_config())
+            except Exception:  # noqa: BLE001 - only for the reference: see the docstring
+                if names is not None:
+                    raise
+                continue
             out[name] = (result.sequences, torch.stack([x.float() for x in result.logits], dim=1))
     return out
 
@@ -123,7 +137,7 @@ def _outputs(model: nn.Module, vocab: int) -> dict[str, tuple[torch.Tensor, torc
 def _difference(reference: dict, model: nn.Module, vocab: int) -> str | None:
     """What differs from the reference outputs, or None."""
     try:
-        got = _outputs(model, vocab)
+        got = _outputs(model, vocab, tuple(reference))
     except Exception as e:  # noqa: BLE001 - any failure of a swapped model is the finding
         return f"generate() raised {type(e).__name__}: {str(e)[:300]}"
     for name, (tokens, logits) in reference.items():
@@ -134,6 +148,21 @@ def _difference(reference: dict, model: nn.Module, vocab: int) -> str | None:
             return f"{name}: logits differ by {diff:.2g} of their range (float rounding gives ~1e-6)"
         if not torch.equal(tokens, tokens2):
             return f"{name}: generated tokens differ"
+    return None
+
+
+def _int8_difference(reference: dict, model: nn.Module, vocab: int) -> str | None:
+    """What is wrong with an INT8 model's outputs: an error, or first-step logits that are not the
+    reference's up to INT8 rounding (later steps may follow another token, so they are not compared)."""
+    try:
+        got = _outputs(model, vocab, tuple(reference))
+    except Exception as e:  # noqa: BLE001 - e.g. a linear whose weight the model reads directly
+        return f"generate() raised {type(e).__name__}: {str(e)[:300]}"
+    for name, (_, logits) in reference.items():
+        first, first2 = logits[:, 0].flatten(), got[name][1][:, 0].flatten()
+        cos = float(torch.nn.functional.cosine_similarity(first, first2, dim=0))
+        if not cos >= INT8_MIN_COSINE:
+            return f"{name}: INT8 logits are not the original's (cosine {cos:.3f})"
     return None
 
 
@@ -164,6 +193,20 @@ def _trial(pristine: nn.Module, reference: dict, parts: tuple[str, ...], backend
     except Exception as e:  # noqa: BLE001 - a swap that cannot even be applied
         return f"applying it raised {type(e).__name__}: {str(e)[:300]}"
     return _difference(reference, tiny, vocab)
+
+
+def _linear_trial(pristine: nn.Module, reference: dict, groups: tuple[str, ...], vocab: int) -> str | None:
+    import copy
+
+    tiny = copy.deepcopy(pristine)
+    try:
+        options = Options.from_kwargs(quantize="int8", kernels="torch", device="cpu", decode="transformers")
+        plan = make_plan(tiny, hardware_profile("cpu-2core"), options, strict=False)
+        plan = without_linear_groups(plan, set(quantized_groups(plan)) - set(groups), "not under test")
+        quantize_pass(tiny, plan, None)
+    except Exception as e:  # noqa: BLE001
+        return f"quantizing it raised {type(e).__name__}: {str(e)[:300]}"
+    return _int8_difference(reference, tiny, vocab)
 
 
 def _isolate(run, parts: tuple[str, ...], together: str) -> dict[str, str]:
@@ -226,10 +269,9 @@ def _store(key: str, verdict: Verdict) -> None:
         write_text_atomically(cache_dir() / "selfcheck" / f"{key}.json", json.dumps(verdict.to_dict()))
 
 
-def check_parts(model: nn.Module, parts: tuple[str, ...], backend: str = "torch") -> Verdict:
-    """Whether `parts` reproduce transformers' modules for `model`'s class and config (cached)."""
-    backend = "torch" if interpreted() else backend  # the interpreter would run every kernel, slowly
-    key = _key(model, parts, backend)
+def _checked(key: str, model: nn.Module, items: tuple[str, ...], trial) -> Verdict:
+    """The cached verdict for `key`, or: `trial(pristine, reference, subset, vocab)` on a tiny model
+    of `model`'s class and config, for all `items` at once, then split if that fails."""
     cached = _cached(key)
     if cached is not None:
         return cached
@@ -237,15 +279,35 @@ def check_parts(model: nn.Module, parts: tuple[str, ...], backend: str = "torch"
     pristine = tiny_model(type(model), model.config)
     vocab = int(hf.text_config(pristine.config).vocab_size)
     reference = _outputs(pristine, vocab)
+    if not reference:  # transformers' own model cannot generate from text alone: nothing to compare
+        verdict = Verdict(items, {}, round(time.perf_counter() - start, 3), hf.transformers_version())
+        _store(key, verdict)
+        return verdict
 
     def run(subset):
-        return _trial(pristine, reference, subset, backend, vocab)
+        return trial(pristine, reference, subset, vocab)
 
-    why = run(parts)
-    failed = {} if why is None else _isolate(run, parts, why)
-    verdict = Verdict(parts, failed, round(time.perf_counter() - start, 3), hf.transformers_version())
+    why = run(items)
+    failed = {} if why is None else _isolate(run, items, why)
+    verdict = Verdict(items, failed, round(time.perf_counter() - start, 3), hf.transformers_version())
     _store(key, verdict)
     return verdict
+
+
+def check_parts(model: nn.Module, parts: tuple[str, ...], backend: str = "torch") -> Verdict:
+    """Whether `parts` reproduce transformers' modules for `model`'s class and config (cached)."""
+    backend = "torch" if interpreted() else backend  # the interpreter would run every kernel, slowly
+
+    def trial(pristine, reference, subset, vocab):
+        return _trial(pristine, reference, subset, backend, vocab)
+
+    return _checked(_key(model, parts, backend), model, parts, trial)
+
+
+def check_linear_groups(model: nn.Module, groups: tuple[str, ...]) -> Verdict:
+    """For a family without a role table: which groups of linears (linear_group names) break the
+    model when stored as INT8 (cached). `failed` names the groups that must stay in float."""
+    return _checked(_key(model, ("linears", *groups), "int8"), model, groups, _linear_trial)
 
 
 def _message(model: nn.Module, verdict: Verdict) -> str:
@@ -256,10 +318,26 @@ def _message(model: nn.Module, verdict: Verdict) -> str:
             f"(tested: {hf.OLDEST_SUPPORTED} to {hf.NEWEST_TESTED}).")
 
 
+def _verify_linears(model: nn.Module, plan: Plan) -> Plan:
+    """An unknown family's plan without the linears whose INT8 module breaks the model (warned)."""
+    groups = quantized_groups(plan)
+    if plan.family is not None or not groups:
+        return plan
+    verdict = check_linear_groups(model, groups)
+    if verdict.ok:
+        return plan
+    why = "; ".join(f"{g}: {w}" for g, w in verdict.failed.items())
+    warnings.warn(f"{type(model).__name__} (no role table, strict=False) reads some linears' weights directly, "
+                  f"so they stay in floating point: {why}", HeteroLLMWarning, stacklevel=4)
+    return without_linear_groups(plan, verdict.failed, "self-check: the model reads this linear's weight "
+                                 "directly, which an INT8 module does not hold")
+
+
 def verify_plan(model: nn.Module, plan: Plan, *, strict: bool) -> Plan:
     """`plan` if every part it swaps in passes the self-check; otherwise, with `strict`, a
     SelfCheckError naming the parts, and without, the plan minus those parts (and what needs
     them), with a HeteroLLMWarning saying so."""
+    plan = _verify_linears(model, plan)
     parts = plan_parts(plan)
     if not parts:
         return plan

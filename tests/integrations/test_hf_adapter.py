@@ -82,3 +82,26 @@ def test_rope_type_and_text_config():
     model = tiny_model("llama", rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0})
     assert hf.rope_type(hf.text_config(model.config)) == "linear"
     assert hf.rope_type(tiny_model("llama").config) == "default"
+
+
+def test_an_untested_transformers_warns_with_the_range(monkeypatch):
+    from hetero_llm.errors import HeteroLLMWarning
+
+    monkeypatch.setattr(hf, "installed_transformers", lambda: "9.1.0")
+    with pytest.warns(HeteroLLMWarning, match=r"5\.17\.0 to .*this is 9\.1\.0.*SelfCheckError"):
+        hf.warn_if_untested()
+    monkeypatch.setattr(hf, "installed_transformers", lambda: hf.NEWEST_TESTED)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        hf.warn_if_untested()
+
+
+def test_pyproject_declares_the_tested_range():
+    import tomllib
+    from pathlib import Path
+
+    project = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())
+    tested = project["tool"]["hetero_llm"]["tested-transformers"]
+    assert tested == f">={hf.OLDEST_SUPPORTED},<{hf._next_series(hf.NEWEST_TESTED)}"
+    deps = [d for d in project["project"]["dependencies"] if d.startswith("transformers")]
+    assert deps == [f"transformers>={hf.OLDEST_SUPPORTED},<6"]

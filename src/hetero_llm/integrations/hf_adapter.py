@@ -32,6 +32,38 @@ def version_tuple(version: str) -> tuple[int, int]:
     return tuple(Version(version).release[:2]) + (0,) * (2 - len(Version(version).release[:2]))
 
 
+def installed_transformers() -> str | None:
+    """The installed transformers version, read without importing it (importing takes seconds)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("transformers")
+    except PackageNotFoundError:
+        return None
+
+
+def warn_if_untested() -> None:
+    """A HeteroLLMWarning when the installed transformers is outside the tested range. Nothing
+    stops it: accelerate()'s self-check proves each swap on whatever release is installed."""
+    installed = installed_transformers()
+    if installed is None or in_tested_range(installed):
+        return
+    import warnings
+
+    from ..errors import HeteroLLMWarning
+
+    warnings.warn(f"hetero_llm was tested with transformers {OLDEST_SUPPORTED} to {NEWEST_TESTED}.x; this is "
+                  f"{installed}. accelerate() checks its swaps against this release on a tiny model before "
+                  f"changing anything (refusing with SelfCheckError if one differs); to stay on tested ground: "
+                  f"pip install \"transformers>={OLDEST_SUPPORTED},<{_next_series(NEWEST_TESTED)}\"",
+                  HeteroLLMWarning, stacklevel=3)
+
+
+def _next_series(version: str) -> str:
+    major, minor = version_tuple(version)
+    return f"{major}.{minor + 1}"
+
+
 def in_tested_range(version: str | None = None) -> bool:
     """Whether `version` (default: the installed one) is a release series this version of
     hetero_llm was tested on."""

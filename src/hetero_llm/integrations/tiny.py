@@ -39,10 +39,11 @@ def _layer_types(types: list, layers: int) -> list:
     return (kinds * layers)[:layers]
 
 
-def tiny_config(config):
-    """A copy of `config` with TINY_SIZES, two layers (of every layer kind it has), a short sliding
-    window, special tokens inside the small vocabulary and the KV cache on."""
-    d = config.to_dict()
+# Nested configs of composite models (the text decoder of a multimodal model, its encoders), shrunk alike.
+NESTED = ("text_config", "vision_config", "audio_config", "decoder_config")
+
+
+def _shrink(d: dict) -> dict:
     heads = d.get("num_attention_heads", d.get("n_head"))
     for key, size in TINY_SIZES.items():
         if isinstance(d.get(key), int) and not isinstance(d.get(key), bool):
@@ -62,6 +63,16 @@ def tiny_config(config):
             d[key] = None
     if "initializer_range" in d:
         d["initializer_range"] = TINY_INIT_RANGE
+    for key in NESTED:
+        if isinstance(d.get(key), dict):
+            d[key] = _shrink(d[key])
+    return d
+
+
+def tiny_config(config):
+    """A copy of `config` with TINY_SIZES, two layers (of every layer kind it has), a short sliding
+    window, special tokens inside the small vocabulary and the KV cache on."""
+    d = _shrink(config.to_dict())
     d["use_cache"] = True
     d.pop("_attn_implementation_autoset", None)
     d.pop("attn_implementation", None)  # transformers' default for the class (a GPU-only choice may not run here)

@@ -17,6 +17,7 @@ the same way, so it keeps transformers' contract by construction.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import replace
 
 from .plan import Fusion, Plan, PlanEntry
@@ -113,3 +114,30 @@ def with_only_parts(plan: Plan, parts, model, spec) -> Plan:
     if "decode_step" in wanted and any(f.kind == "rotary_attention" for f in fusions):
         settings["decode"] = "static"
     return replace(plan, fusions=tuple(fusions), model_settings=settings)
+
+
+# -- quantized linears of families without a role table -------------------------------------------
+# A known family calls its linears only as modules. An unknown one may also read a linear's weight
+# directly (Mamba: `self.lm_head.weight.dtype`, `self.dt_proj.weight @ x`), which an INT8 module does
+# not hold as a float tensor. The self-check finds such linears on a tiny model; they stay in float.
+
+def linear_group(name: str) -> str:
+    """The module's name with layer indices as "*": the same linear in every layer is one group."""
+    return re.sub(r"\.\d+(?=\.|$)", ".*", name)
+
+
+def quantized_groups(plan: Plan) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(linear_group(e.name) for e in plan.entries if e.action == "quantize"))
+
+
+def without_linear_groups(plan: Plan, groups, reason: str) -> Plan:
+    """A copy of `plan` that keeps the linears of `groups` in floating point."""
+    groups = set(groups)
+    hit = {e.name for e in plan.entries if e.action == "quantize" and linear_group(e.name) in groups}
+    if not hit:
+        return plan
+    entries = tuple(replace(e, action="keep", kernel="torch", quant=None, reason=reason,
+                            decode_us_after=e.decode_us_before) if e.name in hit else e for e in plan.entries)
+    fusions = tuple(f for f in plan.fusions if not hit & set(f.members))
+    note = f"{reason} (kept in floating point: {', '.join(sorted(groups & set(map(linear_group, hit))))})"
+    return replace(plan, entries=entries, fusions=fusions, notes=(*plan.notes, note))
