@@ -121,7 +121,10 @@ def accelerated_outcome(original, refs: dict, **options) -> tuple[str, bool]:
             outcome.append(f"DIFFERS [{name}]")
     if options.get("quantize") == "none":
         return (f"identical [{','.join(refs)}] ({parts})", True) if not outcome else (" ".join(outcome), False)
-    return f"generates [{','.join(refs)}] ({parts})", True
+    plan = model.hetero_plan
+    kept = sum(1 for e in plan.entries if e.reason.startswith("self-check"))
+    int8 = f"{len(plan.by_action('quantize'))} INT8" + (f", {kept} kept in float by the self-check" if kept else "")
+    return f"generates [{','.join(refs)}] ({parts}; {int8})", True
 
 
 def _parts(model) -> tuple[str, ...]:

@@ -139,3 +139,19 @@ def test_plans_without_swaps_are_not_checked(monkeypatch):
 def test_parts_are_the_documented_ones():
     assert set(PARTS) == {"norms", "attention", "mlp", "projections", "decoder_layer", "attention_interface",
                           "decode_step"}
+
+
+def test_load_checks_the_saved_swaps_on_this_install(tmp_path, monkeypatch):
+    model = hetero_llm.accelerate(tiny_model("llama"), quantize="none")
+    hetero_llm.save(model, tmp_path / "saved")
+    manifest = json.loads((tmp_path / "saved" / "hetero_llm.json").read_text())
+    assert manifest["transformers_version"]
+    assert hetero_llm.load(tmp_path / "saved").hetero_plan == model.hetero_plan
+    monkeypatch.setattr(selfcheck, "_VERDICTS", {})  # and no verdict on disk: a fresh install
+    monkeypatch.setattr(selfcheck, "cache_dir", lambda: tmp_path / "elsewhere")
+    original = kernel_modules.RotaryAttention.forward
+    monkeypatch.setattr(kernel_modules.RotaryAttention, "forward",
+                        lambda self, h, pe=None, am=None, past_key_values=None, **kw:
+                        original(self, h, pe, am, None, **{k: v for k, v in kw.items() if k != "cache"}))
+    with pytest.raises(SelfCheckError, match="saved with"):
+        hetero_llm.load(tmp_path / "saved")

@@ -354,3 +354,15 @@ def verify_plan(model: nn.Module, plan: Plan, *, strict: bool) -> Plan:
     warnings.warn(f"{message} strict=False: these stay transformers' own modules: "
                   f"{', '.join(p for p in PARTS if p in removed)}.", HeteroLLMWarning, stacklevel=3)
     return without_parts(plan, removed, f"self-check failed on transformers {verdict.transformers}")
+
+
+def require_parts(model: nn.Module, plan: Plan, what: str) -> None:
+    """For load(): a saved plan's swaps are rebuilt as saved (its tensors are laid out for them), so a
+    part that fails here is a SelfCheckError, whatever `strict` was when it was made."""
+    parts = plan_parts(plan)
+    verdict = check_parts(model, parts, plan.model_settings.get("kernels", "torch")) if parts else None
+    if verdict is None or verdict.ok:
+        return
+    raise SelfCheckError(f"{_message(model, verdict)} {what} needs them. Load it with the transformers it was "
+                         "saved with, or accelerate the original model again here (strict=False keeps only "
+                         "the swaps that pass).", tuple(verdict.failed))

@@ -27,7 +27,9 @@ from torch import nn
 from ._files import sha256_file, written_atomically
 from ._version import __version__
 from .errors import DistributedError, HardwareError, HeteroLLMError, ModelLoadError, PlanMismatchError
+from .integrations import hf_adapter as hf
 from .planner.plan import Plan
+from .selfcheck import require_parts
 from .decode import decode_pass
 from .prune.semi_sparse import dense_weight, semi_sparse_pass
 
@@ -81,7 +83,7 @@ def save(model: nn.Module, path: str | os.PathLike, *, tokenizer: Any = None, ov
             (tmp / "generation_config.json").write_text(model.generation_config.to_json_string())
             files.append("generation_config.json")
         manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "hetero_llm_version": __version__,
-                    "model_class": type(model).__name__, "dtype": str(model.dtype).replace("torch.", ""),
+                    "transformers_version": hf.transformers_version(), "model_class": type(model).__name__, "dtype": str(model.dtype).replace("torch.", ""),
                     "aliases": aliases, "plan": json.loads(plan.to_json()),
                     "files": {f: {"sha256": sha256_file(tmp / f), "bytes": (tmp / f).stat().st_size} for f in files}}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
@@ -174,6 +176,8 @@ def load(path: str | os.PathLike) -> nn.Module:
         raise HardwareError("this model was saved with a plan for a CUDA GPU and this machine has none; "
                             "load it on a GPU machine, or re-accelerate the original model here.")
     model = _skeleton(directory, manifest, plan)
+    require_parts(model, plan, f"the model saved in {directory} (with transformers "
+                               f"{manifest.get('transformers_version', 'unknown')})")
     tensors = _load_tensors(directory, manifest)
     expected = set(model.state_dict().keys())
     if set(tensors) != expected:

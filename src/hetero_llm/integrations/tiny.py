@@ -43,8 +43,19 @@ def _layer_types(types: list, layers: int) -> list:
 NESTED = ("text_config", "vision_config", "audio_config", "decoder_config")
 
 
+def _per_layer_lists(d: dict) -> None:
+    """Settings given once per layer (block types, limits, window sizes) keep their first layers."""
+    layers = next((d[k] for k in ("num_hidden_layers", "n_layer", "num_layers") if isinstance(d.get(k), int)), None)
+    if not layers or layers <= TINY_LAYERS:
+        return
+    for key, value in d.items():
+        if key != "layer_types" and isinstance(value, list) and len(value) == layers:
+            d[key] = value[:TINY_LAYERS]
+
+
 def _shrink(d: dict) -> dict:
     heads = d.get("num_attention_heads", d.get("n_head"))
+    _per_layer_lists(d)
     for key, size in TINY_SIZES.items():
         if isinstance(d.get(key), int) and not isinstance(d.get(key), bool):
             d[key] = size
