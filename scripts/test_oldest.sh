@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 OLDEST=5.17.0
 CORE=(tests/integrations tests/decode tests/test_save_load.py tests/test_selfcheck.py tests/planner/test_swaps.py
       tests/evaluate/test_agreement.py tests/serving/test_concurrency.py tests/serving/test_http_example.py
-      tests/test_docs.py)
+      tests/test_docs.py "tests/test_real_model.py::test_chat_answers_like_the_original")
 VENV="$(mktemp -d)/transformers-$OLDEST"
 trap 'rm -rf "$(dirname "$VENV")"' EXIT
 python -m venv "$VENV"

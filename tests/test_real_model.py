@@ -108,3 +108,25 @@ def test_save_load_round_trip_on_the_real_model(accelerated, tmp_path):
     ids = torch.arange(100, 164).reshape(1, -1)
     with torch.inference_mode():
         assert torch.equal(accelerated(ids).logits, loaded(ids).logits)
+
+
+def _chat_answer(model, tokenizer, question: str, **kw) -> str:
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                        return_tensors="pt", return_dict=True)
+    with torch.inference_mode():
+        out = model.generate(**ids, max_new_tokens=16, do_sample=False, **kw)
+    return tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("cache", [None, "static"])
+def test_chat_answers_like_the_original(smollm2, accelerated, cache):
+    """What broke on transformers 5.25 while every figure looked fine: the accelerated model answered
+    "The-----------------------" (its attention never read the KV cache)."""
+    model, tokenizer = smollm2
+    question = "What is the capital of France?"
+    kw = {"cache_implementation": cache} if cache else {}
+    original = _chat_answer(model, tokenizer, question, **kw)
+    assert "Paris" in original
+    assert "Paris" in _chat_answer(accelerated, tokenizer, question, **kw)
+    exact = hetero_llm.accelerate(load_model("smollm2")[0], quantize="none")
+    assert _chat_answer(exact, tokenizer, question, **kw) == original
