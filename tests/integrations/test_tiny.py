@@ -17,7 +17,7 @@ def test_sizes_shrink_and_settings_stay():
     tiny = tiny_config(cfg)
     assert (tiny.hidden_size, tiny.num_hidden_layers, tiny.num_attention_heads) == (64, 2, 4)
     assert tiny.num_key_value_heads == 2  # still grouped
-    assert tiny.vocab_size == 512 and tiny.bos_token_id is None and tiny.eos_token_id is None
+    assert tiny.vocab_size == 512 and tiny.bos_token_id == 1 and tiny.eos_token_id == [2]
     assert (tiny.rms_norm_eps, tiny.attention_bias, tiny.tie_word_embeddings) == (1e-5, True, True)
     assert tiny.rope_parameters["rope_type"] == "llama3" and tiny.use_cache
     assert cfg.hidden_size == 2048  # the original is untouched

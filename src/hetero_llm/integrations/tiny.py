@@ -16,8 +16,14 @@ TINY_SIZES = {
     "num_attention_heads": 4, "n_head": 4,
     "head_dim": 16,
     "num_local_experts": 4, "num_experts": 4, "n_routed_experts": 4, "num_experts_per_tok": 2,
+    "n_group": 1, "topk_group": 1,
+    # rotary and latent-attention widths, which must fit inside the tiny heads
+    "rotary_dim": 16, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 16,
+    "kv_lora_rank": 32, "q_lora_rank": 32,
     "vocab_size": 512,
 }
+# Special tokens outside the tiny vocabulary are moved into it (configs validate them as ints).
+TINY_SPECIAL_IDS = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, "decoder_start_token_id": 1}
 TINY_LAYERS = 2
 TINY_WINDOW = 8  # a sliding window shorter than the self-check's sequences, so windows are exercised
 # Larger than transformers' usual 0.02, so a tiny random model's logits are far apart and a wrong
@@ -51,6 +57,8 @@ def _per_layer_lists(d: dict) -> None:
     for key, value in d.items():
         if key != "layer_types" and isinstance(value, list) and len(value) == layers:
             d[key] = value[:TINY_LAYERS]
+        elif isinstance(value, dict) and value and all(str(k).isdigit() for k in value):  # per-layer overrides
+            d[key] = {k: v for k, v in value.items() if int(k) < TINY_LAYERS}
 
 
 def _shrink(d: dict) -> dict:
@@ -66,12 +74,12 @@ def _shrink(d: dict) -> dict:
     if isinstance(d.get("sliding_window"), int):
         d["sliding_window"] = min(d["sliding_window"], TINY_WINDOW)
     vocab = d.get("vocab_size", TINY_SIZES["vocab_size"])
-    for key in ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id"):
+    for key, inside in TINY_SPECIAL_IDS.items():
         ids = d.get(key)
         if isinstance(ids, list):
-            d[key] = [i for i in ids if isinstance(i, int) and i < vocab] or None
+            d[key] = [i for i in ids if isinstance(i, int) and i < vocab] or [inside]
         elif isinstance(ids, int) and ids >= vocab:
-            d[key] = None
+            d[key] = inside
     if "initializer_range" in d:
         d["initializer_range"] = TINY_INIT_RANGE
     for key in NESTED:
