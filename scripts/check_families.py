@@ -85,18 +85,19 @@ def build(model_type: str):
     for shrink in (tiny_config, _layers_only):
         try:
             config = shrink(CONFIG_MAPPING[model_type]())
-            torch.manual_seed(0)
-            model = AutoModelForCausalLM.from_config(config).float().eval()
-            params = sum(p.numel() for p in model.parameters())
+            with torch.device("meta"):  # sized before anything is allocated
+                params = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
             if params > MAX_PARAMS:
                 raise ValueError(f"{params / 1e6:.0f}M parameters with two layers")
+            torch.manual_seed(0)
+            model = AutoModelForCausalLM.from_config(config).float().eval()
             references(model)
             return model, shrink.__name__.strip("_")
         except Timeout:
             raise
         except Exception as e:  # noqa: BLE001 - try the next way, report the first
-            errors.append(_short(e))
-    raise ValueError(errors[0])
+            errors.append(f"{shrink.__name__.strip('_')}: {_short(e)}")
+    raise ValueError(" | ".join(errors))
 
 
 def _vocab(model) -> int:
@@ -176,7 +177,7 @@ def check(model_type: str, timeout: int) -> dict:
             original, row["config"] = build(model_type)
             refs = references(original)
     except Exception as e:  # noqa: BLE001 - not buildable tiny, or not a text generator
-        row.update(built=False, why=_short(e), ok=True)
+        row.update(built=False, why=str(e) if isinstance(e, ValueError) else _short(e), ok=True)
         return row
     row["built"] = True
     for label, options in (("none", dict(quantize="none")), ("default", {})):
