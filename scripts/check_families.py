@@ -49,40 +49,15 @@ def _short(e: BaseException) -> str:
     return f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
 
 
-def _layers_only(config):
-    """The fallback where the tiny widths do not fit a config's own rules: its real widths, two
-    layers (the first two of every per-layer setting), a small vocabulary."""
-    from hetero_llm.integrations import tiny
-
-    def shrink(d: dict) -> dict:
-        tiny._per_layer_lists(d)
-        for key in ("num_hidden_layers", "n_layer", "num_layers"):
-            if isinstance(d.get(key), int) and d[key] > tiny.TINY_LAYERS:
-                d[key] = tiny.TINY_LAYERS
-        if isinstance(d.get("layer_types"), list):
-            d["layer_types"] = d["layer_types"][:tiny.TINY_LAYERS]
-        if isinstance(d.get("vocab_size"), int):
-            d["vocab_size"] = tiny.TINY_SIZES["vocab_size"]
-        for key, inside in tiny.TINY_SPECIAL_IDS.items():
-            if isinstance(d.get(key), int) and d[key] >= tiny.TINY_SIZES["vocab_size"]:
-                d[key] = inside
-        for key in tiny.NESTED:
-            if isinstance(d.get(key), dict):
-                d[key] = shrink(d[key])
-        return d
-
-    return type(config).from_dict(shrink(config.to_dict()))
-
-
 def build(model_type: str):
     """A tiny model of `model_type`: the self-check's tiny config, else the layers-only fallback."""
     from transformers import AutoModelForCausalLM
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-    from hetero_llm.integrations.tiny import tiny_config
+    from hetero_llm.integrations.tiny import layers_only_config, tiny_config
 
     errors = []
-    for shrink in (tiny_config, _layers_only):
+    for shrink in (tiny_config, layers_only_config):
         try:
             config = shrink(CONFIG_MAPPING[model_type]())
             with torch.device("meta"):  # sized before anything is allocated
@@ -92,11 +67,11 @@ def build(model_type: str):
             torch.manual_seed(0)
             model = AutoModelForCausalLM.from_config(config).float().eval()
             references(model)
-            return model, shrink.__name__.strip("_")
+            return model, shrink.__name__
         except Timeout:
             raise
         except Exception as e:  # noqa: BLE001 - try the next way, report the first
-            errors.append(f"{shrink.__name__.strip('_')}: {_short(e)}")
+            errors.append(f"{shrink.__name__}: {_short(e)}")
     raise ValueError(" | ".join(errors))
 
 

@@ -155,3 +155,48 @@ def test_load_checks_the_saved_swaps_on_this_install(tmp_path, monkeypatch):
                         original(self, h, pe, am, None, **{k: v for k, v in kw.items() if k != "cache"}))
     with pytest.raises(SelfCheckError, match="saved with"):
         hetero_llm.load(tmp_path / "saved")
+
+
+def _tiny_mamba():
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model("mamba", hidden_size=64, state_size=8, num_hidden_layers=2, vocab_size=256,
+                               pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(cfg).eval()
+
+
+def test_an_unknown_family_keeps_in_float_the_linears_it_reads_directly():
+    """Mamba reads `lm_head.weight.dtype` and multiplies by `dt_proj.weight`: INT8 modules there
+    raised AttributeError in generate(). The check finds them; the rest is INT8."""
+    from hetero_llm.planner.swaps import linear_group
+
+    model = _tiny_mamba()
+    with pytest.warns(HeteroLLMWarning, match="reads some linears' weights directly"):
+        fast = hetero_llm.accelerate(copy.deepcopy(model), strict=False)
+    plan = fast.hetero_plan
+    kept = {linear_group(e.name) for e in plan.entries if e.reason.startswith("self-check")}
+    assert "lm_head" in kept and plan.by_action("quantize")
+    ids = torch.tensor([[5, 6, 7, 8]])
+    out = fast.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert out.shape == (1, 8)
+
+
+def test_an_unknown_family_that_cannot_be_checked_stays_in_float(monkeypatch):
+    from hetero_llm.integrations.tiny import TinyModelError
+
+    def refuse(*a, **k):
+        raise TinyModelError("its config refuses small widths")
+
+    monkeypatch.setattr(selfcheck, "tiny_model", refuse)
+    with pytest.warns(HeteroLLMWarning, match="could not be checked"):
+        fast = hetero_llm.accelerate(_tiny_mamba(), strict=False)
+    assert not fast.hetero_plan.by_action("quantize")
+
+
+def test_swaps_that_cannot_be_checked_are_not_made(monkeypatch):
+    from hetero_llm.integrations.tiny import TinyModelError
+
+    monkeypatch.setattr(selfcheck, "tiny_model", lambda *a, **k: (_ for _ in ()).throw(TinyModelError("no")))
+    with pytest.raises(SelfCheckError, match="no small model"):
+        hetero_llm.accelerate(tiny_model("llama"), quantize="none")

@@ -34,7 +34,7 @@ from .decode import decode_pass
 from .errors import HeteroLLMWarning, SelfCheckError
 from .hardware import hardware_profile
 from .integrations import hf_adapter as hf
-from .integrations.tiny import tiny_model
+from .integrations.tiny import TinyModelError, tiny_model
 from .integrations.transformers import spec_for
 from .kernels.apply import kernels_pass
 from .kernels.triton_utils import interpreted
@@ -53,6 +53,12 @@ LOGIT_RTOL = 1e-4
 # model bypasses (reads as a float tensor) does not.
 INT8_MIN_COSINE = 0.98
 
+# The tiny model's size limit. Where a config's own rules refuse the tiny widths, its real widths with
+# two layers are used instead: the swaps' check refuses past TINY_MAX_PARAMS; the INT8-linears check
+# of an unknown family (the only way to tell which of its linears it reads directly) goes further.
+TINY_MAX_PARAMS = 50_000_000
+LINEAR_CHECK_MAX_PARAMS = 300_000_000
+
 _VERDICTS: dict[str, "Verdict"] = {}
 
 
@@ -64,18 +70,20 @@ class Verdict:
     failed: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
     transformers: str = ""
+    unverified: str | None = None  # why nothing could be compared (no tiny model of this config)
 
     @property
     def ok(self) -> bool:
-        return not self.failed
+        return not self.failed and self.unverified is None
 
     def to_dict(self) -> dict:
         return {"parts": list(self.parts), "failed": dict(self.failed), "seconds": self.seconds,
-                "transformers": self.transformers}
+                "transformers": self.transformers, "unverified": self.unverified}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Verdict":
-        return cls(tuple(d["parts"]), dict(d["failed"]), float(d["seconds"]), str(d["transformers"]))
+        return cls(tuple(d["parts"]), dict(d["failed"]), float(d["seconds"]), str(d["transformers"]),
+                   d.get("unverified"))
 
 
 # -- what is compared ----------------------------------------------------------------------------
@@ -269,18 +277,23 @@ def _store(key: str, verdict: Verdict) -> None:
         write_text_atomically(cache_dir() / "selfcheck" / f"{key}.json", json.dumps(verdict.to_dict()))
 
 
-def _checked(key: str, model: nn.Module, items: tuple[str, ...], trial) -> Verdict:
+def _checked(key: str, model: nn.Module, items: tuple[str, ...], trial, max_params: int = TINY_MAX_PARAMS) -> Verdict:
     """The cached verdict for `key`, or: `trial(pristine, reference, subset, vocab)` on a tiny model
     of `model`'s class and config, for all `items` at once, then split if that fails."""
     cached = _cached(key)
     if cached is not None:
         return cached
     start = time.perf_counter()
-    pristine = tiny_model(type(model), model.config)
-    vocab = int(hf.text_config(pristine.config).vocab_size)
-    reference = _outputs(pristine, vocab)
-    if not reference:  # transformers' own model cannot generate from text alone: nothing to compare
-        verdict = Verdict(items, {}, round(time.perf_counter() - start, 3), hf.transformers_version())
+    try:
+        pristine = tiny_model(type(model), model.config, max_params=max_params)
+        vocab = int(hf.text_config(pristine.config).vocab_size)
+        reference = _outputs(pristine, vocab)
+    except TinyModelError as e:
+        pristine, reference, unverified = None, {}, f"no small model of this config could be built ({e})"
+    else:
+        unverified = None if reference else "transformers' own tiny model does not generate from text alone"
+    if unverified:  # nothing to compare against: said, not guessed
+        verdict = Verdict(items, {}, round(time.perf_counter() - start, 3), hf.transformers_version(), unverified)
         _store(key, verdict)
         return verdict
 
@@ -307,7 +320,15 @@ def check_parts(model: nn.Module, parts: tuple[str, ...], backend: str = "torch"
 def check_linear_groups(model: nn.Module, groups: tuple[str, ...]) -> Verdict:
     """For a family without a role table: which groups of linears (linear_group names) break the
     model when stored as INT8 (cached). `failed` names the groups that must stay in float."""
-    return _checked(_key(model, ("linears", *groups), "int8"), model, groups, _linear_trial)
+    return _checked(_key(model, ("linears", *groups), "int8"), model, groups, _linear_trial,
+                    max_params=LINEAR_CHECK_MAX_PARAMS)
+
+
+def _as_failures(verdict: Verdict) -> Verdict:
+    """Swaps that could not be checked count as failed: they are only made once proven."""
+    if verdict.unverified is None:
+        return verdict
+    return replace(verdict, failed={p: verdict.unverified for p in verdict.parts}, unverified=None)
 
 
 def _message(model: nn.Module, verdict: Verdict) -> str:
@@ -319,18 +340,25 @@ def _message(model: nn.Module, verdict: Verdict) -> str:
 
 
 def _verify_linears(model: nn.Module, plan: Plan) -> Plan:
-    """An unknown family's plan without the linears whose INT8 module breaks the model (warned)."""
+    """An unknown family's plan without the linears whose INT8 module breaks the model (warned). If
+    no small model of its config can be built, nothing proves any of them safe: all stay in float."""
     groups = quantized_groups(plan)
     if plan.family is not None or not groups:
         return plan
     verdict = check_linear_groups(model, groups)
     if verdict.ok:
         return plan
-    why = "; ".join(f"{g}: {w}" for g, w in verdict.failed.items())
-    warnings.warn(f"{type(model).__name__} (no role table, strict=False) reads some linears' weights directly, "
-                  f"so they stay in floating point: {why}", HeteroLLMWarning, stacklevel=4)
-    return without_linear_groups(plan, verdict.failed, "self-check: the model reads this linear's weight "
-                                 "directly, which an INT8 module does not hold")
+    if verdict.unverified:
+        failed = dict.fromkeys(groups, verdict.unverified)
+        why = f"its INT8 linears could not be checked: {verdict.unverified}"
+        reason = "self-check: could not be checked on a small model of this config"
+    else:
+        failed = verdict.failed
+        why = "it reads some linears' weights directly: " + "; ".join(f"{g}: {w}" for g, w in failed.items())
+        reason = "self-check: the model reads this linear's weight directly, which an INT8 module does not hold"
+    warnings.warn(f"{type(model).__name__} (no role table, strict=False): {why}. They stay in floating point.",
+                  HeteroLLMWarning, stacklevel=4)
+    return without_linear_groups(plan, failed, reason)
 
 
 def verify_plan(model: nn.Module, plan: Plan, *, strict: bool) -> Plan:
@@ -341,7 +369,7 @@ def verify_plan(model: nn.Module, plan: Plan, *, strict: bool) -> Plan:
     parts = plan_parts(plan)
     if not parts:
         return plan
-    verdict = check_parts(model, parts, plan.model_settings.get("kernels", "torch"))
+    verdict = _as_failures(check_parts(model, parts, plan.model_settings.get("kernels", "torch")))
     if verdict.ok:
         return plan
     message = _message(model, verdict)
@@ -360,7 +388,7 @@ def require_parts(model: nn.Module, plan: Plan, what: str) -> None:
     """For load(): a saved plan's swaps are rebuilt as saved (its tensors are laid out for them), so a
     part that fails here is a SelfCheckError, whatever `strict` was when it was made."""
     parts = plan_parts(plan)
-    verdict = check_parts(model, parts, plan.model_settings.get("kernels", "torch")) if parts else None
+    verdict = _as_failures(check_parts(model, parts, plan.model_settings.get("kernels", "torch"))) if parts else None
     if verdict is None or verdict.ok:
         return
     raise SelfCheckError(f"{_message(model, verdict)} {what} needs them. Load it with the transformers it was "

@@ -18,7 +18,7 @@ TINY_SIZES = {
     "num_local_experts": 4, "num_experts": 4, "n_routed_experts": 4, "num_experts_per_tok": 2,
     "n_group": 1, "topk_group": 1,
     # rotary and latent-attention widths, which must fit inside the tiny heads
-    "rotary_dim": 16, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 16,
+    "d_head": 16, "rotary_dim": 16, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 16,
     "kv_lora_rank": 32, "q_lora_rank": 32,
     "vocab_size": 512,
 }
@@ -88,20 +88,66 @@ def _shrink(d: dict) -> dict:
     return d
 
 
-def tiny_config(config):
-    """A copy of `config` with TINY_SIZES, two layers (of every layer kind it has), a short sliding
-    window, special tokens inside the small vocabulary and the KV cache on."""
-    d = _shrink(config.to_dict())
+def _finish(d: dict, config):
     d["use_cache"] = True
     d.pop("_attn_implementation_autoset", None)
     d.pop("attn_implementation", None)  # transformers' default for the class (a GPU-only choice may not run here)
     return type(config).from_dict(d)
 
 
-def tiny_model(model_class: type, config, seed: int = 0) -> torch.nn.Module:
-    """A randomly initialised fp32 `model_class` of `tiny_config(config)`, in eval mode, on the CPU."""
-    tiny = tiny_config(copy.deepcopy(config))
-    torch.manual_seed(seed)
-    with torch.device("cpu"):
-        model = model_class(tiny)
-    return model.float().eval()
+def tiny_config(config):
+    """A copy of `config` with TINY_SIZES, two layers (of every layer kind it has), a short sliding
+    window, special tokens inside the small vocabulary and the KV cache on."""
+    return _finish(_shrink(config.to_dict()), config)
+
+
+def _fewer_layers(d: dict) -> dict:
+    _per_layer_lists(d)
+    for key in ("num_hidden_layers", "n_layer", "num_layers"):
+        if isinstance(d.get(key), int) and d[key] > TINY_LAYERS:
+            d[key] = TINY_LAYERS
+    if isinstance(d.get("layer_types"), list):
+        d["layer_types"] = d["layer_types"][:TINY_LAYERS]
+    if isinstance(d.get("vocab_size"), int):
+        d["vocab_size"] = TINY_SIZES["vocab_size"]
+    for key, inside in TINY_SPECIAL_IDS.items():
+        if isinstance(d.get(key), int) and d[key] >= TINY_SIZES["vocab_size"]:
+            d[key] = inside
+    for key in NESTED:
+        if isinstance(d.get(key), dict):
+            d[key] = _fewer_layers(d[key])
+    return d
+
+
+def layers_only_config(config):
+    """Where TINY_SIZES break a config's own rules (widths tied to each other in ways no table can
+    know): its real widths, two layers (the first two of every per-layer setting), a small vocabulary."""
+    return _finish(_fewer_layers(config.to_dict()), config)
+
+
+class TinyModelError(Exception):
+    """No small model of this config could be built (both ways failed, or it would be too large)."""
+
+
+def _params_on_meta(model_class: type, config) -> int:
+    with torch.device("meta"):  # sized before anything is allocated
+        return sum(p.numel() for p in model_class(config).parameters())
+
+
+def tiny_model(model_class: type, config, seed: int = 0, max_params: int = 50_000_000) -> torch.nn.Module:
+    """A randomly initialised fp32 `model_class` of `tiny_config(config)` (else `layers_only_config`,
+    if under `max_params`), in eval mode, on the CPU. Raises TinyModelError naming both failures."""
+    errors = []
+    for shrink in (tiny_config, layers_only_config):
+        try:
+            small = shrink(copy.deepcopy(config))
+            params = _params_on_meta(model_class, small)
+            if params > max_params:
+                raise TinyModelError(f"{params / 1e6:.0f}M parameters with {TINY_LAYERS} layers")
+            torch.manual_seed(seed)
+            with torch.device("cpu"):
+                model = model_class(small)
+            return model.float().eval()
+        except Exception as e:  # noqa: BLE001 - a config's own validation of the shrunk sizes
+            errors.append(f"{shrink.__name__}: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
+    raise TinyModelError("; ".join(errors))
