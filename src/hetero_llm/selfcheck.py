@@ -17,6 +17,7 @@ per (code, transformers, torch, model class, config, parts) in memory and on dis
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import json
 import logging
@@ -187,8 +188,6 @@ def _tiny_plan(tiny: nn.Module, parts: tuple[str, ...], backend: str) -> Plan:
 
 
 def _trial(pristine: nn.Module, reference: dict, parts: tuple[str, ...], backend: str, vocab: int) -> str | None:
-    import copy
-
     tiny = copy.deepcopy(pristine)
     try:
         plan = _tiny_plan(tiny, parts, backend)
@@ -204,8 +203,6 @@ def _trial(pristine: nn.Module, reference: dict, parts: tuple[str, ...], backend
 
 
 def _linear_trial(pristine: nn.Module, reference: dict, groups: tuple[str, ...], vocab: int) -> str | None:
-    import copy
-
     tiny = copy.deepcopy(pristine)
     try:
         options = Options.from_kwargs(quantize="int8", kernels="torch", device="cpu", decode="transformers")
