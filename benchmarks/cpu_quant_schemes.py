@@ -5,6 +5,7 @@ SmoothQuant, SmoothQuant + fp outlier channels) and torch's quantize_dynamic:
 decode and 512-token prefill speed, resident weight memory and perplexity.
 
     python benchmarks/cpu_quant_schemes.py [--repeats 3] [--json out.json]
+    (sizes: --new-tokens 64, --prompt-len 512, --ppl-tokens 8192, --calibration 16)
 """
 import argparse
 
@@ -30,13 +31,16 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--ppl-tokens", type=int, default=8192)
+    parser.add_argument("--new-tokens", type=int, default=64, help="greedy tokens timed for decode")
+    parser.add_argument("--prompt-len", type=int, default=512, help="prompt tokens timed for prefill")
+    parser.add_argument("--calibration", type=int, default=16, help="W8A8 calibration samples of 256 tokens")
     parser.add_argument("--only", nargs="*", help="scheme names to run (default: all)")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
 
     original, tokenizer = load_model(args.model)
     # Calibration text comes from after the perplexity text, so they never overlap.
-    calibration = calibration_samples(tokenizer, n=16, seq_len=256)
+    calibration = calibration_samples(tokenizer, n=args.calibration, seq_len=256)
     variants = {"fp32": original}
     for name, q in SCHEMES.items():
         if args.only and name not in args.only:
@@ -45,8 +49,8 @@ def main() -> None:
         data = calibration if q.needs_calibration else None
         variants[name] = hetero_llm.accelerate(model, quantize=q, calibration_data=data)
     variants["torch quantize_dynamic"] = torch_dynamic_int8(load_model(args.model)[0])
-    result = run_bench(variants, tokenizer, repeats=args.repeats, perplexity_tokens=args.ppl_tokens,
-                       model_name=args.model)
+    result = run_bench(variants, tokenizer, repeats=args.repeats, new_tokens=args.new_tokens,
+                       prompt_len=args.prompt_len, perplexity_tokens=args.ppl_tokens, model_name=args.model)
     print(format_table(result))
     qd = "torch quantize_dynamic"
     for name in variants:

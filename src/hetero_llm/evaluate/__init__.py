@@ -8,7 +8,7 @@ from __future__ import annotations
 from .bench import BenchResult, VariantResult, run_bench
 from .models import cache_dir, load_model, smollm2_dir, smollm2_gguf
 from .peers import PEERS, torch_dynamic_int8
-from .perplexity import PerplexityResult, default_text, perplexity
+from .perplexity import PerplexityResult, calibration_samples, default_text, perplexity
 from .report import format_table, save_chart, save_json
 from .timing import (
     PeakRSS,
@@ -26,6 +26,7 @@ __all__ = [
     "PerplexityResult",
     "VariantResult",
     "cache_dir",
+    "calibration_samples",
     "chat_prompt_ids",
     "default_text",
     "format_table",
