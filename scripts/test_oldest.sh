@@ -12,8 +12,9 @@ VENV="$(mktemp -d)/transformers-$OLDEST"
 trap 'rm -rf "$(dirname "$VENV")"' EXIT
 python -m venv "$VENV"
 # This environment's site-packages go after the venv's own: its transformers (and the huggingface_hub
-# it needs) shadow the newer ones, everything else is shared.
-python -c "import site, sys; print('\n'.join(site.getsitepackages() + [site.getusersitepackages()]))" \
+# it needs) shadow the newer ones, everything else is shared. site.addsitedir, not a bare path line,
+# so that the .pth files there run too (an editable install of hetero_llm is one).
+python -c "import site; print(''.join(f'import site; site.addsitedir({d!r})\n' for d in site.getsitepackages() + [site.getusersitepackages()]))" \
     > "$(echo "$VENV"/lib/python3*/site-packages)/parent-environment.pth"
 "$VENV/bin/python" -m pip install -q "transformers==$OLDEST"
 "$VENV/bin/python" -c "import transformers, hetero_llm; print('core tests on transformers', transformers.__version__)"
