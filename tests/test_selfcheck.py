@@ -200,3 +200,18 @@ def test_swaps_that_cannot_be_checked_are_not_made(monkeypatch):
     monkeypatch.setattr(selfcheck, "tiny_model", lambda *a, **k: (_ for _ in ()).throw(TinyModelError("no")))
     with pytest.raises(SelfCheckError, match="no small model"):
         hetero_llm.accelerate(tiny_model("llama"), quantize="none")
+
+
+@pytest.mark.parametrize("tested", [True, False])
+def test_the_refusal_says_whose_fault_it_is(cache_ignored, monkeypatch, tested):
+    """In the tested range a mismatch is hetero_llm's bug (report it); outside it, a changed
+    convention of a newer release (install a tested one)."""
+    from hetero_llm.integrations import hf_adapter
+
+    monkeypatch.setattr(hf_adapter, "in_tested_range", lambda version=None: tested)
+    with pytest.raises(SelfCheckError) as err:
+        hetero_llm.accelerate(tiny_model("llama"), quantize="none")
+    message = str(err.value)
+    assert "attention does not reproduce" in message and "strict=False" in message
+    assert ("hetero_llm bug" in message) == tested
+    assert (f'pip install "{hf_adapter.tested_requirement()}"' in message) == (not tested)

@@ -330,10 +330,13 @@ def _as_failures(verdict: Verdict) -> Verdict:
 
 def _message(model: nn.Module, verdict: Verdict) -> str:
     lines = "; ".join(f"{part}: {why}" for part, why in verdict.failed.items())
-    return (f"hetero_llm's {', '.join(verdict.failed)} do not reproduce transformers {verdict.transformers}'s own "
+    verb = "does" if len(verdict.failed) == 1 else "do"
+    cause = (f"transformers {verdict.transformers} is in the tested range, so this is a hetero_llm bug: please "
+             "report it with this message" if hf.in_tested_range(verdict.transformers) else
+             "This transformers release changed a convention hetero_llm relies on")
+    return (f"hetero_llm's {', '.join(verdict.failed)} {verb} not reproduce transformers {verdict.transformers}'s own "
             f"modules for {type(model).__name__} (checked on a tiny model of its config before changing "
-            f"anything: {lines}). This transformers release changed a convention hetero_llm relies on "
-            f"(tested: {hf.OLDEST_SUPPORTED} to {hf.NEWEST_TESTED}).")
+            f"anything: {lines}). {cause} (tested: {hf.OLDEST_SUPPORTED} to {hf.NEWEST_TESTED}.x).")
 
 
 def _verify_linears(model: nn.Module, plan: Plan) -> Plan:
@@ -371,10 +374,11 @@ def verify_plan(model: nn.Module, plan: Plan, *, strict: bool) -> Plan:
         return plan
     message = _message(model, verdict)
     if strict:
-        raise SelfCheckError(f"{message} Install a tested transformers (pip install \"transformers>="
-                             f"{hf.OLDEST_SUPPORTED},<={hf.NEWEST_TESTED}\"), or pass strict=False to keep only "
-                             "the swaps that pass (the rest stays transformers' own; INT8 linears still apply).",
-                             tuple(verdict.failed))
+        keep = ("strict=False to keep only the swaps that pass (the rest stays transformers' own; INT8 linears "
+                "still apply).")
+        advice = (f"Pass {keep}" if hf.in_tested_range(verdict.transformers) else
+                  f"Install a tested transformers (pip install \"{hf.tested_requirement()}\"), or pass {keep}")
+        raise SelfCheckError(f"{message} {advice}", tuple(verdict.failed))
     removed = with_requirements_removed(verdict.failed)
     warnings.warn(f"{message} strict=False: these stay transformers' own modules: "
                   f"{', '.join(p for p in PARTS if p in removed)}.", HeteroLLMWarning, stacklevel=3)

@@ -55,8 +55,13 @@ def warn_if_untested() -> None:
     warnings.warn(f"hetero_llm was tested with transformers {OLDEST_SUPPORTED} to {NEWEST_TESTED}.x; this is "
                   f"{installed}. accelerate() checks its swaps against this release on a tiny model before "
                   f"changing anything (refusing with SelfCheckError if one differs); to stay on tested ground: "
-                  f"pip install \"transformers>={OLDEST_SUPPORTED},<{_next_series(NEWEST_TESTED)}\"",
+                  f"pip install \"{tested_requirement()}\"",
                   HeteroLLMWarning, stacklevel=3)
+
+
+def tested_requirement() -> str:
+    """The pip requirement for the tested range, e.g. transformers>=5.17.0,<5.26."""
+    return f"transformers>={OLDEST_SUPPORTED},<{_next_series(NEWEST_TESTED)}"
 
 
 def _next_series(version: str) -> str:
