@@ -32,7 +32,7 @@ from .._files import cache_dir, write_text_atomically
 from .._version import __version__
 from ..hardware import Hardware
 
-COSTS_VERSION = 1
+COSTS_VERSION = 2  # 2: INT8 prefill GEMM chosen per CPU (quant/cpu_prefill.py)
 # Weights cycled through to time streaming: 2x a 32 MiB last-level cache, so no call hits it.
 STREAM_POOL_BYTES = 64 * 2**20
 SMALL_SHAPE = (256, 256)  # (out, in): in cache, so its time is the kernel's fixed cost per call

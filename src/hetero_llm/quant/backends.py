@@ -10,11 +10,12 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from .cpu_prefill import prefill_matmul
 from .primitives import dequantize
 
-# Batch rows at or below this use the GEMV kernel; above it the dequantize +
-# bf16 GEMM path wins (measured on AVX-512 CPUs: at 512 rows int8pack is ~3x
-# slower than a bf16 GEMM on the dequantized weight).
+# Batch rows at or below this use the GEMV kernel; above it a GEMM wins (measured on
+# AVX-512 CPUs: at 512 rows int8pack is ~3x slower than a bf16 GEMM on the dequantized
+# weight). Which GEMM is chosen per CPU by measurement: see cpu_prefill.
 GEMV_MAX_ROWS = 16
 
 
@@ -52,10 +53,11 @@ def int8pack_available() -> bool:
 
 
 class CpuInt8Pack:
-    """CPU: torch's AVX-512/AVX2 int8 GEMV for decode, dequantize + bf16 GEMM for prefill.
+    """CPU: torch's AVX-512/AVX2 int8 GEMV for decode; for prompts, the GEMM this CPU runs
+    fastest (cpu_prefill: two-level int8 activations on VNNI, or bf16, or fp32).
 
-    Activations enter the matmul in bf16 (accumulation is fp32 inside both
-    kernels); the result is scaled in fp32 and returned in the input dtype.
+    Decode activations enter the GEMV in bf16 (accumulation is fp32 inside); the result is
+    scaled in fp32 and returned in the input dtype.
     """
 
     name = "cpu-int8pack"
@@ -68,14 +70,12 @@ class CpuInt8Pack:
                 and int8pack_available())
 
     def matmul(self, x2d: torch.Tensor, layer) -> torch.Tensor:
+        if x2d.shape[0] > GEMV_MAX_ROWS:
+            return prefill_matmul(x2d, layer)
         xb = x2d.to(torch.bfloat16).contiguous()  # the kernel needs a unit-stride last dim
-        if x2d.shape[0] <= GEMV_MAX_ROWS:
-            # Scales are bf16-representable (see primitives), so the kernel's
-            # bf16 scale is exact. This path is overhead-bound: keep it short.
-            y = torch.ops.aten._weight_int8pack_mm(xb, layer.qweight, layer.scale_bf16)
-        else:
-            # bf16 result times fp32 scale promotes to fp32 in one op.
-            y = F.linear(xb, layer.qweight.to(torch.bfloat16)) * layer.scale
+        # Scales are bf16-representable (see primitives), so the kernel's bf16 scale is
+        # exact. This path is overhead-bound: keep it short.
+        y = torch.ops.aten._weight_int8pack_mm(xb, layer.qweight, layer.scale_bf16)
         if layer.zero_point is not None:
             # sum_k x_k (q_nk - z_n) s_n = (x q^T)_n s_n - (sum_k x_k) z_n s_n
             # Sum the same bf16 activations the kernel saw, so the two terms cancel.

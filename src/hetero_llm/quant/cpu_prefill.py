@@ -1,0 +1,186 @@
+"""How an INT8 weight-only linear computes a prompt (many rows) on the CPU: chosen by measurement.
+
+Decode (a few rows) reads the weight once and is memory-bound; a prompt is compute-bound, and
+which GEMM is fastest depends on what the CPU computes natively:
+
+- ``int8x2``: each activation row split into two int8 levels, x ~= s1*q1 + s2*q2 with s2 = s1/254
+  (~15-bit precision, as in the VNNI GEMV of kernels/cpu_vnni.py), and both levels multiplied
+  with the int8 weight by ``torch._int_mm`` (oneDNN, VNNI): integer products, no calibration,
+  ~1e-4 of the output's range instead of bf16's ~1e-2. Needs an exact ``_int_mm`` (VNNI; on
+  AVX2 oneDNN's u8*s8 pairs saturate, so it is refused there by ``int_mm_available``).
+- ``bf16``: the weight dequantized to bf16, a bf16 GEMM. Fast with AVX-512 BF16 or AMX; on a
+  CPU without them oneDNN emulates bf16, 2-4x slower than fp32 (measured on Ice Lake).
+- ``fp32``: the weight dequantized to fp32, an fp32 GEMM: the original model's own speed less
+  the conversion.
+
+The three are timed once per machine on a 128-token prompt through a weight that fits the
+last-level cache and through one that does not (which wins differs: a bf16 copy of a large
+weight spills the cache), interleaved, the fastest round of each kept so a busy core slows
+every candidate alike. Each layer uses the winner for the nearer size; the choice is cached
+under ``$HETERO_LLM_CACHE/machine/``. ``HETERO_LLM_CPU_PREFILL=int8x2|bf16|fp32`` forces one.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import platform
+import threading
+import time
+
+import torch
+import torch.nn.functional as F
+
+from .._files import cache_dir, write_text_atomically
+from .._version import __version__
+
+STRATEGIES = ("int8x2", "bf16", "fp32")
+ENV = "HETERO_LLM_CPU_PREFILL"
+# The GEMMs the strategies are timed on: (rows, in, out) of a 128-token prompt through a weight
+# that stays in cache (1M parameters) and one that does not (16M: a 1B model's MLP).
+TIMING_SHAPES = {"small": (128, 1024, 1024), "large": (128, 2048, 8192)}
+# Layers up to this many parameters (the geometric mean of the two) use the small shape's winner.
+SMALL_MAX_PARAMS = 4 * 2**20
+TIMING_ROUNDS = 5
+LEVEL_RATIO = 254.0  # s2 = s1 / 254: the second level covers the first one's rounding step
+
+
+def split_two_levels(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(q, s1, q_sum) for fp32 rows `x` (M, K): q (2M, K) int8 stacks the two levels q1 over q2,
+    s1 (M, 1) is the first level's scale, q_sum (M, 1) = sum(q1) + sum(q2) / 254, so that
+    s1 * q_sum is the sum of the activations the GEMM sees (for zero points)."""
+    amax = x.abs().amax(dim=1, keepdim=True)
+    s1 = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+    q1 = torch.round(x / s1).clamp_(-127, 127)
+    rest = torch.addcmul(x, q1, s1, value=-1.0)
+    q2 = torch.round(rest * (LEVEL_RATIO / s1)).clamp_(-127, 127)
+    q_sum = q1.sum(dim=1, keepdim=True) + q2.sum(dim=1, keepdim=True) / LEVEL_RATIO
+    return torch.cat([q1, q2]).to(torch.int8), s1, q_sum
+
+
+def int8x2_matmul(x2d: torch.Tensor, layer) -> torch.Tensor:
+    """fp32 (M, N) = x (M, K) . (q (N, K) * scale - zero_point * scale)^T through torch._int_mm."""
+    m = x2d.shape[0]
+    q, s1, q_sum = split_two_levels(x2d.float())
+    acc = torch._int_mm(q, layer.qweight.t())  # (2M, N) int32; the transposed view is read in place
+    y = acc[m:].float().div_(LEVEL_RATIO).add_(acc[:m]).mul_(s1).mul_(layer.scale)
+    if layer.zero_point is not None:
+        # sum_k x_k (q_nk - z_n) s_n = (x q^T)_n s_n - (sum_k x_k) z_n s_n, with the x the GEMM saw
+        y.sub_((q_sum * s1) * layer.zero_scale)
+    return y
+
+
+def bf16_matmul(x2d: torch.Tensor, layer) -> torch.Tensor:
+    xb = x2d.to(torch.bfloat16)
+    y = F.linear(xb, layer.qweight.to(torch.bfloat16)) * layer.scale  # bf16 x fp32 promotes to fp32
+    if layer.zero_point is not None:
+        # Sum the same bf16 activations the GEMM saw, so the two terms cancel.
+        y = y - xb.float().sum(dim=1, keepdim=True) * layer.zero_scale
+    return y
+
+
+def fp32_matmul(x2d: torch.Tensor, layer) -> torch.Tensor:
+    xf = x2d.float()
+    y = F.linear(xf, layer.qweight.float()).mul_(layer.scale)
+    if layer.zero_point is not None:
+        y.sub_(xf.sum(dim=1, keepdim=True) * layer.zero_scale)
+    return y
+
+
+MATMULS = {"int8x2": int8x2_matmul, "bf16": bf16_matmul, "fp32": fp32_matmul}
+
+
+def available() -> tuple[str, ...]:
+    """The strategies this build runs correctly on this CPU."""
+    from .w8a8 import int_mm_available
+    return tuple(s for s in STRATEGIES if s != "int8x2" or int_mm_available())
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return platform.processor()
+    model = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "")
+    flags = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("flags")), "")
+    return f"{model}|{hashlib.sha256(flags.encode()).hexdigest()[:12]}"
+
+
+def _cache_path():
+    # Everything that changes the timings: the CPU, torch, threads, and the ISA caps a user set.
+    key = json.dumps([_cpu_name(), torch.__version__, torch.get_num_threads(), __version__,
+                      os.environ.get("ATEN_CPU_CAPABILITY", ""), os.environ.get("ONEDNN_MAX_CPU_ISA", "")])
+    return cache_dir() / "machine" / f"cpu-prefill-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+
+
+class _Layer:
+    """The attributes the matmuls read, for a random weight of the timing shape."""
+
+    def __init__(self, n: int, k: int) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.qweight = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+        self.scale = torch.rand(n, generator=g) * 1e-2 + 1e-3
+        self.zero_point = self.zero_scale = None
+
+
+def measure(shape: tuple[int, int, int], strategies: tuple[str, ...] | None = None) -> dict[str, float]:
+    """Milliseconds per (rows, in, out) GEMM for each strategy: the fastest of interleaved rounds."""
+    strategies = strategies or available()
+    m, k, n = shape
+    layer = _Layer(n, k)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(1))
+    best = dict.fromkeys(strategies, float("inf"))
+    with torch.inference_mode():
+        for s in strategies:
+            MATMULS[s](x, layer)  # warm-up: oneDNN builds its kernels on the first call
+        for _ in range(TIMING_ROUNDS):
+            for s in strategies:
+                start = time.perf_counter()
+                MATMULS[s](x, layer)
+                best[s] = min(best[s], (time.perf_counter() - start) * 1e3)
+    return {s: round(t, 3) for s, t in best.items()}
+
+
+_LOCK = threading.Lock()
+
+
+@functools.lru_cache(maxsize=1)
+def chosen() -> dict[str, str]:
+    """{"small": strategy, "large": strategy}: measured once per machine, then read from the cache."""
+    path = _cache_path()
+    try:
+        saved = json.loads(path.read_text())["strategy"]
+        if set(saved) == set(TIMING_SHAPES) and all(v in available() for v in saved.values()):
+            return saved
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    timings = {size: measure(shape) for size, shape in TIMING_SHAPES.items()}
+    picked = {size: min(t, key=t.get) for size, t in timings.items()}
+    try:
+        write_text_atomically(path, json.dumps({"strategy": picked, "ms": timings, "shapes": TIMING_SHAPES}))
+    except OSError:
+        pass  # a read-only home: measured again next process
+    return picked
+
+
+def strategy(params: int = SMALL_MAX_PARAMS) -> str:
+    """The prompt GEMM used for an INT8 weight-only linear of `params` weights on this CPU."""
+    forced = os.environ.get(ENV, "")
+    if forced:
+        from ..errors import InvalidOptionError
+        if forced not in STRATEGIES:
+            raise InvalidOptionError(f"{ENV}={forced!r}: use one of {', '.join(STRATEGIES)}, or unset it")
+        if forced not in available():
+            raise InvalidOptionError(f"{ENV}={forced}: torch._int_mm is not exact on this CPU (it needs "
+                                     f"AVX-512 VNNI or AMX); use bf16 or fp32, or unset it")
+        return forced
+    with _LOCK:  # concurrent first prompts measure once
+        picked = chosen()
+    return picked["small" if params <= SMALL_MAX_PARAMS else "large"]
+
+
+def prefill_matmul(x2d: torch.Tensor, layer) -> torch.Tensor:
+    """fp32 output of an INT8 weight-only linear (symmetric or with zero points) on many rows."""
+    return MATMULS[strategy(layer.qweight.numel())](x2d, layer)

@@ -1,0 +1,134 @@
+"""The INT8 weight-only prompt GEMM: each strategy right, the fastest one chosen per CPU and cached."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from hetero_llm.errors import InvalidOptionError
+from hetero_llm.quant import cpu_prefill
+from hetero_llm.quant.modules import Int8Linear
+
+# Relative error bound of each strategy against the dequantized weight in fp32 (max |error| over
+# max |output|): two int8 levels ~15 bits, bf16 activations ~8 bits, fp32 rounding only.
+BOUNDS = {"int8x2": 2e-4, "bf16": 1e-2, "fp32": 1e-5}
+
+
+@pytest.fixture(autouse=True)
+def fresh_choice(monkeypatch, tmp_path):
+    monkeypatch.setenv("HETERO_LLM_CACHE", str(tmp_path))
+    monkeypatch.delenv(cpu_prefill.ENV, raising=False)
+    cpu_prefill.chosen.cache_clear()
+    yield
+    cpu_prefill.chosen.cache_clear()
+
+
+def layer(scheme: str, k: int = 192, n: int = 320) -> Int8Linear:
+    torch.manual_seed(0)
+    return Int8Linear.from_linear(nn.Linear(k, n), scheme, backend="cpu-int8pack")
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int8-asym"])
+@pytest.mark.parametrize("strategy", cpu_prefill.STRATEGIES)
+def test_each_strategy_computes_the_dequantized_linear(strategy, scheme):
+    if strategy not in cpu_prefill.available():
+        pytest.skip("torch._int_mm is not exact on this CPU")
+    m = layer(scheme)
+    x = torch.randn(40, m.in_features) * torch.logspace(-2, 1, m.in_features)  # outlier-like channels
+    want = x @ m.dequantized_weight().T
+    got = cpu_prefill.MATMULS[strategy](x, m)
+    assert got.dtype == torch.float32 and got.shape == want.shape
+    assert (got - want).abs().max() <= BOUNDS[strategy] * want.abs().max()
+
+
+def test_rows_of_zeros_and_tiny_values_stay_finite():
+    m = layer("int8")
+    x = torch.zeros(20, m.in_features)
+    x[1] = 1e-30
+    x[2, 0] = 3.0
+    for strategy in cpu_prefill.available():
+        y = cpu_prefill.MATMULS[strategy](x, m)
+        assert torch.isfinite(y).all(), strategy
+        assert torch.equal(y[0], torch.zeros_like(y[0])), strategy
+
+
+def test_the_module_uses_the_prefill_gemm_for_prompts_only(monkeypatch):
+    m = layer("int8")
+    calls = []
+    original = cpu_prefill.MATMULS["fp32"]
+    monkeypatch.setitem(cpu_prefill.MATMULS, "fp32", lambda x, l: calls.append(x.shape[0]) or original(x, l))
+    monkeypatch.setenv(cpu_prefill.ENV, "fp32")
+    x = torch.randn(2, 24, m.in_features)
+    y = m(x)
+    m(torch.randn(1, 1, m.in_features))  # decode: the GEMV
+    assert calls == [48]
+    assert torch.allclose(y, x @ m.dequantized_weight().T + m.bias, rtol=0, atol=1e-4)
+
+
+def test_the_choice_is_measured_once_per_machine_and_cached(monkeypatch, tmp_path):
+    timings = {"small": {"int8x2": 3.0, "bf16": 1.0, "fp32": 2.0}, "large": {"int8x2": 5.0, "bf16": 9.0, "fp32": 7.0}}
+    shapes = {v: k for k, v in cpu_prefill.TIMING_SHAPES.items()}
+    monkeypatch.setattr(cpu_prefill, "available", lambda: cpu_prefill.STRATEGIES)
+    monkeypatch.setattr(cpu_prefill, "measure", lambda shape: timings[shapes[shape]])
+    assert cpu_prefill.strategy(2**20) == "bf16"
+    assert cpu_prefill.strategy(16 * 2**20) == "int8x2"
+    saved = json.loads(next((tmp_path / "machine").glob("cpu-prefill-*.json")).read_text())
+    assert saved["strategy"] == {"small": "bf16", "large": "int8x2"} and saved["ms"] == timings
+
+    cpu_prefill.chosen.cache_clear()  # a new process: read back, not measured again
+    monkeypatch.setattr(cpu_prefill, "measure", lambda shape: pytest.fail("measured twice"))
+    assert cpu_prefill.strategy(2**20) == "bf16"
+
+
+def test_a_cached_choice_this_build_cannot_run_is_measured_again(monkeypatch, tmp_path):
+    path = cpu_prefill._cache_path()
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"strategy": {"small": "int8x2", "large": "int8x2"}}))
+    monkeypatch.setattr(cpu_prefill, "available", lambda: ("bf16", "fp32"))
+    monkeypatch.setattr(cpu_prefill, "measure", lambda shape: {"bf16": 2.0, "fp32": 1.0})
+    assert cpu_prefill.strategy() == "fp32"
+
+
+def test_the_environment_forces_a_strategy(monkeypatch):
+    monkeypatch.setattr(cpu_prefill, "measure", lambda shape: pytest.fail("forced: nothing to measure"))
+    monkeypatch.setenv(cpu_prefill.ENV, "fp32")
+    assert cpu_prefill.strategy() == "fp32"
+    monkeypatch.setenv(cpu_prefill.ENV, "int4")
+    with pytest.raises(InvalidOptionError, match="int8x2, bf16, fp32"):
+        cpu_prefill.strategy()
+    monkeypatch.setattr(cpu_prefill, "available", lambda: ("bf16", "fp32"))
+    monkeypatch.setenv(cpu_prefill.ENV, "int8x2")
+    with pytest.raises(InvalidOptionError, match="not exact on this CPU"):
+        cpu_prefill.strategy()
+
+
+CAPPED = """
+import torch
+from torch import nn
+from hetero_llm.quant import cpu_prefill
+from hetero_llm.quant.modules import Int8Linear
+torch.manual_seed(0)
+m = Int8Linear.from_linear(nn.Linear(256, 512), "int8", backend="cpu-int8pack")
+x = torch.randn(64, 256)
+want = x @ m.dequantized_weight().T + m.bias
+err = ((m(x) - want).abs().max() / want.abs().max()).item()
+print(cpu_prefill.available(), cpu_prefill.strategy(), err)
+assert err < 1e-2, err
+"""
+
+
+@pytest.mark.parametrize("caps", [{"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"},
+                                  {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_VNNI"}], ids=["avx2", "avx512-no-bf16"])
+def test_capped_isa_levels_compute_right(caps, tmp_path):
+    """On AVX2, oneDNN's int8 GEMM saturates (errors ~10% of the output): int8x2 must not be chosen."""
+    env = dict(os.environ, HETERO_LLM_CACHE=str(tmp_path), **caps)
+    env.pop(cpu_prefill.ENV, None)
+    out = subprocess.run([sys.executable, "-c", CAPPED], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    if caps.get("ONEDNN_MAX_CPU_ISA") == "AVX2":
+        assert "int8x2" not in out.stdout.split(")")[0]
