@@ -132,3 +132,33 @@ def test_capped_isa_levels_compute_right(caps, tmp_path):
     assert out.returncode == 0, out.stdout + out.stderr
     if caps.get("ONEDNN_MAX_CPU_ISA") == "AVX2":
         assert "int8x2" not in out.stdout.split(")")[0]
+
+
+def native_or_skip():
+    native = cpu_prefill._native()
+    if native is None:
+        pytest.skip("hetero_llm's compiled CPU helpers are not built here (AVX-512 VNNI and a compiler)")
+    return native
+
+
+@pytest.mark.parametrize("k", [64, 100, 576])
+def test_the_compiled_split_matches_torch(k):
+    native = native_or_skip()
+    x = torch.randn(33, k) * torch.logspace(-3, 1, k)
+    x[0] = 0.0
+    q, s1 = native.split_levels(x)
+    q_ref, s1_ref, _, _ = cpu_prefill.split_two_levels(x)
+    assert q.dtype == torch.int8 and q.shape == (66, k) and torch.equal(s1, s1_ref)
+    assert (q != q_ref).float().mean() < 1e-3  # a rounding tie may fall the other way, nothing more
+    rebuilt = s1 * (q[:33].float() + q[33:].float() / cpu_prefill.LEVEL_RATIO)
+    assert (rebuilt - x).abs().max() <= s1.max() / 500
+
+
+def test_the_compiled_and_torch_paths_agree(monkeypatch):
+    native_or_skip()
+    m = layer("int8", k=576, n=320)
+    x = torch.randn(50, 576)
+    native = cpu_prefill.int8x2_matmul(x, m)
+    monkeypatch.setenv(cpu_prefill.NATIVE_ENV, "0")
+    in_torch = cpu_prefill.int8x2_matmul(x, m)
+    assert (native - in_torch).abs().max() <= 1e-5 * in_torch.abs().max()

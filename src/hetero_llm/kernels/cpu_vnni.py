@@ -107,6 +107,80 @@ torch::Tensor a16w8_gemv(torch::Tensor x, torch::Tensor w, torch::Tensor scale, 
   }
   return out;
 }
+
+// Prompts (quant/cpu_prefill.py): x (M, K) -> q (2M, K) int8, the two levels of every row (q1 over
+// q2, x ~= s1 * (q1 + q2 / 254)), and s1 (M, 1); one pass per row instead of torch's eight.
+std::vector<torch::Tensor> split_levels(torch::Tensor x) {
+  TORCH_CHECK(x.dim() == 2, "x: (M, K)");
+  auto xf = x.to(torch::kFloat32).contiguous();
+  const int64_t M = xf.size(0), K = xf.size(1);
+  auto q = torch::empty({2 * M, K}, torch::kInt8);
+  auto s1 = torch::empty({M, 1}, torch::kFloat32);
+  const float* xp = xf.data_ptr<float>();
+  int8_t* qp = q.data_ptr<int8_t>();
+  float* sp = s1.data_ptr<float>();
+  at::parallel_for(0, M, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m) {
+      const float* row = xp + m * K;
+      const int64_t K16 = K - K % 16;
+      __m512 vmax = _mm512_setzero_ps();
+      for (int64_t k = 0; k < K16; k += 16) vmax = _mm512_max_ps(vmax, _mm512_abs_ps(_mm512_loadu_ps(row + k)));
+      float amax = _mm512_reduce_max_ps(vmax);
+      for (int64_t k = K16; k < K; ++k) amax = std::max(amax, std::fabs(row[k]));
+      const float s = (amax > 0.f && std::isfinite(amax)) ? amax / 127.f : 1.f;
+      const float inv1 = 1.f / s, inv2 = 254.f / s;
+      int8_t* q1 = qp + m * K;
+      int8_t* q2 = qp + (M + m) * K;
+      // 16 at a time: round to nearest even (as torch.round), saturate to int8 on the store.
+      const __m512 vs = _mm512_set1_ps(s), vi1 = _mm512_set1_ps(inv1), vi2 = _mm512_set1_ps(inv2);
+      const __m512i lo = _mm512_set1_epi32(-127);
+      for (int64_t k = 0; k < K16; k += 16) {
+        const __m512 v = _mm512_loadu_ps(row + k);
+        const __m512 a = _mm512_roundscale_ps(_mm512_mul_ps(v, vi1), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        const __m512 r = _mm512_sub_ps(v, _mm512_mul_ps(a, vs));
+        const __m512 b = _mm512_roundscale_ps(_mm512_mul_ps(r, vi2), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(q1 + k),
+                         _mm512_cvtsepi32_epi8(_mm512_max_epi32(_mm512_cvtps_epi32(a), lo)));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(q2 + k),
+                         _mm512_cvtsepi32_epi8(_mm512_max_epi32(_mm512_cvtps_epi32(b), lo)));
+      }
+      for (int64_t k = K16; k < K; ++k) {
+        const float a = std::min(127.f, std::max(-127.f, std::nearbyint(row[k] * inv1)));
+        const float b = std::min(127.f, std::max(-127.f, std::nearbyint((row[k] - a * s) * inv2)));
+        q1[k] = static_cast<int8_t>(a);
+        q2[k] = static_cast<int8_t>(b);
+      }
+      sp[m] = s;
+    }
+  });
+  return {q, s1};
+}
+
+// y (M, N) fp32 = s1 * (acc1 + acc2 / 254) * scale for acc (2M, N) int32 = [q1; q2] . W^T.
+torch::Tensor combine_levels(torch::Tensor acc, torch::Tensor s1, torch::Tensor scale) {
+  TORCH_CHECK(acc.dim() == 2 && acc.size(0) % 2 == 0 && acc.scalar_type() == torch::kInt32, "acc: (2M, N) int32");
+  auto a = acc.contiguous();
+  auto s = s1.to(torch::kFloat32).contiguous();
+  auto sc = scale.to(torch::kFloat32).contiguous();
+  const int64_t M = a.size(0) / 2, N = a.size(1);
+  TORCH_CHECK(s.numel() == M && sc.numel() == N, "s1: M values, scale: N values");
+  auto y = torch::empty({M, N}, torch::kFloat32);
+  const int32_t* ap = a.data_ptr<int32_t>();
+  const float* spp = s.data_ptr<float>();
+  const float* scp = sc.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, M, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m) {
+      const int32_t* a1 = ap + m * N;
+      const int32_t* a2 = ap + (M + m) * N;
+      float* out = yp + m * N;
+      const float sm = spp[m];
+      for (int64_t n = 0; n < N; ++n)
+        out[n] = (static_cast<float>(a1[n]) + static_cast<float>(a2[n]) * (1.f / 254.f)) * sm * scp[n];
+    }
+  });
+  return y;
+}
 """
 
 
@@ -141,7 +215,8 @@ def vnni_kernel():
     try:
         from torch.utils.cpp_extension import load_inline
         log.warning("hetero_llm: compiling the AVX-512 VNNI INT8 kernel (once; cached by torch)...")
-        module = load_inline("hetero_llm_vnni_v1", cpp_sources=[_SOURCE], functions=["a16w8_gemv"],
+        module = load_inline("hetero_llm_vnni_v3", cpp_sources=[_SOURCE],
+                             functions=["a16w8_gemv", "split_levels", "combine_levels"],
                              extra_cflags=["-O3", "-mavx512f", "-mavx512bw", "-mavx512vnni", "-fopenmp"],
                              extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as exc:  # noqa: BLE001 - no compiler, failed build: use torch's kernels
@@ -157,6 +232,12 @@ def _self_test(module) -> bool:
     s = torch.rand(40, generator=g) + 0.5
     got = module.a16w8_gemv(x, w, s, w.sum(1, dtype=torch.int32))
     want = a16w8_gemv_ref(x, w, s)
+    if not bool((got - want).abs().max() <= 1e-3 * want.abs().max()):
+        return False
+    # The prompt helpers: split then combine reproduces x W^T (an exact integer product in between).
+    q, s1 = module.split_levels(x)
+    acc = (q.long() @ w.long().T).int()
+    got = module.combine_levels(acc, s1, s)
     return bool((got - want).abs().max() <= 1e-3 * want.abs().max())
 
 

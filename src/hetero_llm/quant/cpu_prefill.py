@@ -37,38 +37,61 @@ from .._version import __version__
 
 STRATEGIES = ("int8x2", "bf16", "fp32")
 ENV = "HETERO_LLM_CPU_PREFILL"
+NATIVE_ENV = "HETERO_LLM_PREFILL_NATIVE"  # 0: torch ops for the two-level split (tests compare both)
 # The GEMMs the strategies are timed on: (rows, in, out) of a 128-token prompt through a weight
 # that stays in cache (1M parameters) and one that does not (16M: a 1B model's MLP).
 TIMING_SHAPES = {"small": (128, 1024, 1024), "large": (128, 2048, 8192)}
 # Layers up to this many parameters (the geometric mean of the two) use the small shape's winner.
 SMALL_MAX_PARAMS = 4 * 2**20
 TIMING_ROUNDS = 5
-LEVEL_RATIO = 254.0  # s2 = s1 / 254: the second level covers the first one's rounding step
+LEVEL_RATIO = 254.0
+CHOICE_VERSION = 2  # bumped when a strategy's code changes, so cached choices are measured again  # s2 = s1 / 254: the second level covers the first one's rounding step
 
 
-def split_two_levels(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(q, s1, q_sum) for fp32 rows `x` (M, K): q (2M, K) int8 stacks the two levels q1 over q2,
-    s1 (M, 1) is the first level's scale, q_sum (M, 1) = sum(q1) + sum(q2) / 254, so that
-    s1 * q_sum is the sum of the activations the GEMM sees (for zero points)."""
-    amax = x.abs().amax(dim=1, keepdim=True)
+def split_two_levels(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(q, s1, q1, q2) for fp32 rows `x` (M, K): q (2M, K) int8 stacks the two levels q1 over q2
+    (returned too, as floats), s1 (M, 1) is the first level's scale; x ~= s1 * (q1 + q2 / 254).
+
+    Few passes over x, none that is not needed: this runs before every prompt matmul."""
+    m = x.shape[0]
+    low, high = torch.aminmax(x, dim=1, keepdim=True)
+    amax = torch.maximum(high, low.neg_())
     s1 = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
-    q1 = torch.round(x / s1).clamp_(-127, 127)
-    rest = torch.addcmul(x, q1, s1, value=-1.0)
-    q2 = torch.round(rest * (LEVEL_RATIO / s1)).clamp_(-127, 127)
-    q_sum = q1.sum(dim=1, keepdim=True) + q2.sum(dim=1, keepdim=True) / LEVEL_RATIO
-    return torch.cat([q1, q2]).to(torch.int8), s1, q_sum
+    q1 = torch.mul(x, 1.0 / s1).round_()  # |x / s1| <= 127 by construction: no clamp
+    rest = torch.addcmul(x, q1, s1, value=-1.0)  # |rest| <= s1 / 2, so |q2| <= 127
+    q2 = rest.mul_(LEVEL_RATIO / s1).round_()
+    q = torch.empty(2 * m, x.shape[1], dtype=torch.int8)
+    q[:m] = q1
+    q[m:] = q2
+    return q, s1, q1, q2
 
 
 def int8x2_matmul(x2d: torch.Tensor, layer) -> torch.Tensor:
-    """fp32 (M, N) = x (M, K) . (q (N, K) * scale - zero_point * scale)^T through torch._int_mm."""
+    """fp32 (M, N) = x (M, K) . (q (N, K) * scale - zero_point * scale)^T through torch._int_mm.
+
+    The split and the combination run in hetero_llm's compiled helpers where the VNNI kernel is
+    built (one pass each; in torch they cost as much as half the integer GEMM on SmolLM2)."""
     m = x2d.shape[0]
-    q, s1, q_sum = split_two_levels(x2d.float())
+    native = _native()
+    if native is not None and layer.zero_point is None:
+        q, s1 = native.split_levels(x2d)
+        return native.combine_levels(torch._int_mm(q, layer.qweight.t()), s1, layer.scale)
+    q, s1, q1, q2 = split_two_levels(x2d.float())
     acc = torch._int_mm(q, layer.qweight.t())  # (2M, N) int32; the transposed view is read in place
-    y = acc[m:].float().div_(LEVEL_RATIO).add_(acc[:m]).mul_(s1).mul_(layer.scale)
+    y = acc[:m].to(torch.float32).add_(acc[m:], alpha=1.0 / LEVEL_RATIO).mul_(s1).mul_(layer.scale)
     if layer.zero_point is not None:
         # sum_k x_k (q_nk - z_n) s_n = (x q^T)_n s_n - (sum_k x_k) z_n s_n, with the x the GEMM saw
-        y.sub_((q_sum * s1) * layer.zero_scale)
+        x_sum = (q1.sum(dim=1, keepdim=True) + q2.sum(dim=1, keepdim=True) / LEVEL_RATIO) * s1
+        y.sub_(x_sum * layer.zero_scale)
     return y
+
+
+def _native():
+    """The compiled helpers (kernels/cpu_vnni.py), or None where they are not built."""
+    if os.environ.get(NATIVE_ENV, "") not in ("", "1"):
+        return None
+    from ..kernels.cpu_vnni import vnni_kernel, vnni_possible
+    return vnni_kernel() if vnni_possible() else None
 
 
 def bf16_matmul(x2d: torch.Tensor, layer) -> torch.Tensor:
@@ -110,8 +133,9 @@ def _cpu_name() -> str:
 
 def _cache_path():
     # Everything that changes the timings: the CPU, torch, threads, and the ISA caps a user set.
-    key = json.dumps([_cpu_name(), torch.__version__, torch.get_num_threads(), __version__,
-                      os.environ.get("ATEN_CPU_CAPABILITY", ""), os.environ.get("ONEDNN_MAX_CPU_ISA", "")])
+    key = json.dumps([_cpu_name(), torch.__version__, torch.get_num_threads(), __version__, CHOICE_VERSION,
+                      _native() is not None, os.environ.get("ATEN_CPU_CAPABILITY", ""),
+                      os.environ.get("ONEDNN_MAX_CPU_ISA", "")])
     return cache_dir() / "machine" / f"cpu-prefill-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
 
 
