@@ -162,3 +162,10 @@ def test_the_compiled_and_torch_paths_agree(monkeypatch):
     monkeypatch.setenv(cpu_prefill.NATIVE_ENV, "0")
     in_torch = cpu_prefill.int8x2_matmul(x, m)
     assert (native - in_torch).abs().max() <= 1e-5 * in_torch.abs().max()
+
+
+def test_a_more_accurate_strategy_wins_a_near_tie():
+    assert cpu_prefill.pick({"int8x2": 1.05, "bf16": 1.0, "fp32": 3.0}) == "int8x2"
+    assert cpu_prefill.pick({"int8x2": 1.2, "bf16": 1.0, "fp32": 3.0}) == "bf16"
+    assert cpu_prefill.pick({"int8x2": 2.0, "bf16": 4.0, "fp32": 2.1}) == "fp32"
+    assert cpu_prefill.pick({"bf16": 4.0, "fp32": 2.1}) == "fp32"

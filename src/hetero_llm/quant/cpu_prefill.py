@@ -9,15 +9,16 @@ which GEMM is fastest depends on what the CPU computes natively:
   ~1e-4 of the output's range instead of bf16's ~1e-2. Needs an exact ``_int_mm`` (VNNI; on
   AVX2 oneDNN's u8*s8 pairs saturate, so it is refused there by ``int_mm_available``).
 - ``bf16``: the weight dequantized to bf16, a bf16 GEMM. Fast with AVX-512 BF16 or AMX; on a
-  CPU without them oneDNN emulates bf16, 2-4x slower than fp32 (measured on Ice Lake).
+  CPU without them oneDNN emulates bf16: 2.3-3.4x slower than fp32 (Zen 4 with oneDNN capped
+  to AVX512_CORE_VNNI, as on an Ice Lake server).
 - ``fp32``: the weight dequantized to fp32, an fp32 GEMM: the original model's own speed less
   the conversion.
 
 The three are timed once per machine on a 128-token prompt through a weight that fits the
 last-level cache and through one that does not (which wins differs: a bf16 copy of a large
 weight spills the cache), interleaved, the fastest round of each kept so a busy core slows
-every candidate alike. Each layer uses the winner for the nearer size; the choice is cached
-under ``$HETERO_LLM_CACHE/machine/``. ``HETERO_LLM_CPU_PREFILL=int8x2|bf16|fp32`` forces one.
+every candidate alike; a more accurate one is kept if it is at most 10% slower. Each layer
+uses the winner for the nearer size; the choice is cached under ``$HETERO_LLM_CACHE/machine/``. ``HETERO_LLM_CPU_PREFILL=int8x2|bf16|fp32`` forces one.
 """
 from __future__ import annotations
 
@@ -45,7 +46,7 @@ TIMING_SHAPES = {"small": (128, 1024, 1024), "large": (128, 2048, 8192)}
 SMALL_MAX_PARAMS = 4 * 2**20
 TIMING_ROUNDS = 5
 LEVEL_RATIO = 254.0
-CHOICE_VERSION = 2  # bumped when a strategy's code changes, so cached choices are measured again  # s2 = s1 / 254: the second level covers the first one's rounding step
+CHOICE_VERSION = 3  # bumped when a strategy's code changes, so cached choices are measured again  # s2 = s1 / 254: the second level covers the first one's rounding step
 
 
 def split_two_levels(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -167,6 +168,18 @@ def measure(shape: tuple[int, int, int], strategies: tuple[str, ...] | None = No
     return {s: round(t, 3) for s, t in best.items()}
 
 
+# From the most accurate to the least: fp32 rounds only the sums, int8x2 the activations to ~15
+# bits, bf16 to 8. A more accurate strategy is kept when it is at most this much slower.
+BY_ACCURACY = ("fp32", "int8x2", "bf16")
+ACCURACY_MARGIN = 1.10
+
+
+def pick(timings: dict[str, float]) -> str:
+    """The most accurate strategy within ACCURACY_MARGIN of the fastest."""
+    fastest = min(timings.values())
+    return next(s for s in BY_ACCURACY if s in timings and timings[s] <= ACCURACY_MARGIN * fastest)
+
+
 _LOCK = threading.Lock()
 
 
@@ -181,7 +194,7 @@ def chosen() -> dict[str, str]:
     except (OSError, ValueError, KeyError, TypeError):
         pass
     timings = {size: measure(shape) for size, shape in TIMING_SHAPES.items()}
-    picked = {size: min(t, key=t.get) for size, t in timings.items()}
+    picked = {size: pick(t) for size, t in timings.items()}
     try:
         write_text_atomically(path, json.dumps({"strategy": picked, "ms": timings, "shapes": TIMING_SHAPES}))
     except OSError:
