@@ -69,6 +69,8 @@ SIZE_FLAGS = {
     ("python", "benchmarks/cpu_quant_schemes.py"): ["--repeats", "1", "--new-tokens", "4", "--prompt-len", "32",
                                                     "--ppl-tokens", "256", "--calibration", "2", "--only",
                                                     "int8-asym g128", "w8a8 smooth 0.5 + 8 fp channels"],
+    ("python", "benchmarks/cpu_1b_shape.py"): ["--layers", "1", "--repeats", "1", "--new-tokens", "4",
+                                              "--prompt-len", "32"],
     ("python", "benchmarks/cpu_parallel.py"): ["--rounds", "1", "--tokens", "4", "--quantize", "int8"],
     ("python", "benchmarks/cpu_concurrency.py"): ["--rounds", "1", "--tokens", "4", "--threads", "2"],
     ("python", "examples/prune_smollm2.py"): ["--calibration", "2"],
@@ -117,6 +119,7 @@ INLINE = {
     "python benchmarks/cpu_prune.py --all": "the full table: six prunings more than the default run, which "
                                             "runs here (the same functions, fewer configurations)",
     "python benchmarks/cpu_concurrency.py": None,
+    "python benchmarks/cpu_1b_shape.py": None,
     "python benchmarks/e2e_gpu.py --smoke": None,  # the GPU benchmark's CPU path, "in seconds"
     "python scripts/check_families.py [--json out.json]": None,
     "python benchmarks/gpu_int8_linear.py": "gpu",
