@@ -35,3 +35,23 @@ def test_a_bad_prune_value_is_a_typed_error_with_a_suggestion(config_dir, capsys
     assert main(["plan", str(config_dir), "--prune", "wandaa", "--hardware", "cpu-2core"]) != 0
     err = capsys.readouterr().err
     assert "InvalidOptionError" in err and "wanda" in err
+
+
+def test_inspect_measure_redoes_the_cached_measurements(monkeypatch, tmp_path, capsys):
+    from hetero_llm.planner import measure
+    from hetero_llm.quant import cpu_prefill
+
+    monkeypatch.setenv("HETERO_LLM_CACHE", str(tmp_path))
+    monkeypatch.setattr(cpu_prefill, "available", lambda: ("bf16", "fp32"))
+    monkeypatch.setattr(cpu_prefill, "measure", lambda shape: {"bf16": 1.0, "fp32": 3.0})
+    costs = measure.DeviceCosts(device="cpu", source="measured", read_gbs=20.0, op_us=5.0,
+                                linears={"torch:float32": measure.LinearCost(6.0, 18.0, 20.0, 150.0)})
+    calls = []
+    monkeypatch.setattr(measure, "measure_cpu", lambda: calls.append(1) or costs)
+    assert main(["inspect", "--measure"]) == 0
+    out = capsys.readouterr().out
+    assert "INT8 prompt GEMM" in out and "-> bf16" in out and "memory read 20.0 GB/s" in out
+    assert calls == [1]
+    saved = json.loads(next((tmp_path / "machine").glob("cpu-prefill-*.json")).read_text())
+    assert saved["strategy"] == {"small": "bf16", "large": "bf16"}
+    assert any((tmp_path / "machine").glob("cpu-*.json"))

@@ -63,7 +63,27 @@ def cmd_inspect(args) -> int:
     from .hardware import inspect_hardware
     hw = inspect_hardware()
     print(hw.to_json() if args.json else hw)
+    if args.measure:
+        _measure_again(hw)
     return 0
+
+
+def _measure_again(hw) -> None:
+    """Redo this CPU's cached measurements (after a busy first run, or new hardware settings)."""
+    from .planner.measure import cached_cpu_costs
+    from .quant import cpu_prefill
+    choice, ms = cpu_prefill.remeasure()
+    for size, shape in cpu_prefill.TIMING_SHAPES.items():
+        times = ", ".join(f"{s} {t:.2f} ms" for s, t in ms[size].items())
+        print(f"INT8 prompt GEMM, {shape[0]} rows x {shape[1]}x{shape[2]} weight: {times} -> {choice[size]}")
+    costs = cached_cpu_costs(hw, refresh=True)
+    if costs is None:
+        print("cost-model measurements are off (HETERO_LLM_MEASURE=0)")
+        return
+    print(f"cost model: memory read {costs.read_gbs:.1f} GB/s, one small op {costs.op_us:.1f} us; per linear kernel "
+          "(call us, GB/s, prompt GFLOP/s):")
+    for name, c in sorted(costs.linears.items()):
+        print(f"  {name:28s} {c.call_us:8.1f} {c.gbs:8.1f} {c.gemm_gflops:8.1f}")
 
 
 def cmd_plan(args) -> int:
@@ -231,6 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("inspect", help="show this machine's hardware")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--measure", action="store_true",
+                   help="measure this CPU's kernels again and replace the cached figures (~15 s)")
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("plan", help="show the plan for a model (a folder, a config.json, or 'smollm2')")

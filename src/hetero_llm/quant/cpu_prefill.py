@@ -193,13 +193,20 @@ def chosen() -> dict[str, str]:
             return saved
     except (OSError, ValueError, KeyError, TypeError):
         pass
+    return remeasure()[0]
+
+
+def remeasure() -> tuple[dict[str, str], dict[str, dict[str, float]]]:
+    """(choice, milliseconds per size and strategy), measured now and cached for later processes
+    (`hetero-llm inspect --measure`; this process keeps what its layers already use)."""
+    path = _cache_path()
     timings = {size: measure(shape) for size, shape in TIMING_SHAPES.items()}
     picked = {size: pick(t) for size, t in timings.items()}
     try:
         write_text_atomically(path, json.dumps({"strategy": picked, "ms": timings, "shapes": TIMING_SHAPES}))
     except OSError:
         pass  # a read-only home: measured again next process
-    return picked
+    return picked, timings
 
 
 def strategy(params: int = SMALL_MAX_PARAMS) -> str:
