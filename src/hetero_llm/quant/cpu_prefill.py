@@ -45,8 +45,8 @@ TIMING_SHAPES = {"small": (128, 1024, 1024), "large": (128, 2048, 8192)}
 # Layers up to this many parameters (the geometric mean of the two) use the small shape's winner.
 SMALL_MAX_PARAMS = 4 * 2**20
 TIMING_ROUNDS = 5
-LEVEL_RATIO = 254.0
-CHOICE_VERSION = 3  # bumped when a strategy's code changes, so cached choices are measured again  # s2 = s1 / 254: the second level covers the first one's rounding step
+LEVEL_RATIO = 254.0  # s2 = s1 / 254: the second level covers the first one's rounding step
+CHOICE_VERSION = 3  # bumped when a strategy's code changes, so cached choices are measured again
 
 
 def split_two_levels(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -55,8 +55,7 @@ def split_two_levels(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch
 
     Few passes over x, none that is not needed: this runs before every prompt matmul."""
     m = x.shape[0]
-    low, high = torch.aminmax(x, dim=1, keepdim=True)
-    amax = torch.maximum(high, low.neg_())
+    amax = x.abs().amax(dim=1, keepdim=True)  # (torch.aminmax measured 3x slower here)
     s1 = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
     q1 = torch.mul(x, 1.0 / s1).round_()  # |x / s1| <= 127 by construction: no clamp
     rest = torch.addcmul(x, q1, s1, value=-1.0)  # |rest| <= s1 / 2, so |q2| <= 127
@@ -74,7 +73,7 @@ def int8x2_matmul(x2d: torch.Tensor, layer) -> torch.Tensor:
     built (one pass each; in torch they cost as much as half the integer GEMM on SmolLM2)."""
     m = x2d.shape[0]
     native = _native()
-    if native is not None and layer.zero_point is None:
+    if native is not None and layer.zero_point is None:  # the helpers take no zero points
         q, s1 = native.split_levels(x2d)
         return native.combine_levels(torch._int_mm(q, layer.qweight.t()), s1, layer.scale)
     q, s1, q1, q2 = split_two_levels(x2d.float())
