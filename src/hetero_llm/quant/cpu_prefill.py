@@ -18,7 +18,8 @@ The three are timed once per machine on a 128-token prompt through a weight that
 last-level cache and through one that does not (which wins differs: a bf16 copy of a large
 weight spills the cache), interleaved, the fastest round of each kept so a busy core slows
 every candidate alike; a more accurate one is kept if it is at most 10% slower. Each layer
-uses the winner for the nearer size; the choice is cached under ``$HETERO_LLM_CACHE/machine/``. ``HETERO_LLM_CPU_PREFILL=int8x2|bf16|fp32`` forces one.
+uses the winner for the nearer size; the choice is cached under ``$HETERO_LLM_CACHE/machine/``.
+``HETERO_LLM_CPU_PREFILL=int8x2|bf16|fp32`` forces one.
 """
 from __future__ import annotations
 
