@@ -361,7 +361,8 @@ class KernelConfig(_Config):
     fuse_norms: replace RMSNorm's several ops with one fused kernel.
     decode: how generate() decodes one token per step (Llama-style families): "cuda_graph" (a
     static KV cache and hetero_llm's decode step, captured once per batch size and cache length
-    as a CUDA graph; GPU only), "static" (the same step and cache, run eagerly), "transformers"
+    as a CUDA graph; GPU only), "static" (the same step and cache, run eagerly), "native" (CPU: every
+    decoder layer of a step in one compiled call; symmetric INT8 fp32 models), "transformers"
     (transformers' own generate loop, untouched) or "auto" (the fastest that applies here).
     """
 
@@ -372,7 +373,7 @@ class KernelConfig(_Config):
     version: int = CONFIG_VERSION
 
     BACKENDS = ("auto", "triton", "torch")
-    DECODE = ("auto", "cuda_graph", "static", "transformers")
+    DECODE = ("auto", "cuda_graph", "static", "native", "transformers")
     LATER = ()
 
     def __post_init__(self) -> None:

@@ -33,6 +33,8 @@ from ..integrations import hf_adapter as hf
 from ..integrations.transformers import ArchitectureSpec
 from .step import DecodeStep
 
+MODES = ("cuda_graph", "static", "native")
+
 CAPACITY_STEP = 256  # cache lengths are rounded up to this, so nearby lengths share a session
 # Idle sessions kept between calls (each holds its cache and graph); the least recently used goes
 # first. Calls at once each get a session however many there are: each needs a cache anyway.
@@ -77,6 +79,7 @@ class DecodeStats:
     graphs: int = 0
     graph_steps: int = 0
     eager_steps: int = 0
+    native_steps: int = 0  # decode="native": steps run by the compiled CPU layer loop
     sessions_created: int = 0
     fallbacks: dict = field(default_factory=dict)  # reason -> generate() calls left to transformers
 
@@ -84,8 +87,11 @@ class DecodeStats:
 class DecodeRunner:
     """The sessions of one model and the choice between them and transformers' own path."""
 
-    def __init__(self, model: nn.Module, spec: ArchitectureSpec, use_graphs: bool) -> None:
-        self.model, self.spec, self.use_graphs = model, spec, use_graphs
+    def __init__(self, model: nn.Module, spec: ArchitectureSpec, mode: str) -> None:
+        if mode not in MODES:
+            raise ValueError(f"decode mode {mode!r} is not one of {MODES}")
+        self.model, self.spec, self.mode = model, spec, mode
+        self.use_graphs = mode == "cuda_graph"
         self.stats = DecodeStats()
         self._lock = threading.Lock()
         self._free: list[Session] = []  # most recently used last
@@ -93,7 +99,7 @@ class DecodeRunner:
 
     def __deepcopy__(self, memo):
         # A copied model gets its own sessions (caches and graphs belong to the original's weights).
-        return DecodeRunner(copy.deepcopy(self.model, memo), self.spec, self.use_graphs)
+        return DecodeRunner(copy.deepcopy(self.model, memo), self.spec, self.mode)
 
     # -- sessions ----------------------------------------------------------------------------
 
@@ -136,15 +142,22 @@ class DecodeRunner:
 
     def decode(self, session: Session, input_ids: torch.Tensor) -> torch.Tensor:
         if session.step is None:
-            session.step = DecodeStep(self.model, self.spec, session.cache, session.batch)
+            session.step = self._new_step(session)
         session.step.ids.copy_(input_ids)
         if session.captured is not None:
             self._count("graph_steps")
             return session.captured.replay()
         if self.use_graphs and session.graph_failed is None and session.device.type == "cuda":
             return self._capture(session)
-        self._count("eager_steps")
+        self._count("native_steps" if self.mode == "native" else "eager_steps")
         return session.step()
+
+    def _new_step(self, session: Session) -> DecodeStep:
+        if self.mode != "native":
+            return DecodeStep(self.model, self.spec, session.cache, session.batch)
+        from .native import NativeStep
+
+        return NativeStep(self.model, self.spec, session.cache, session.batch)
 
     def _count(self, what: str) -> None:
         with self._lock:  # threads decode at once
@@ -172,8 +185,12 @@ class DecodeRunner:
         s = self.stats
         with self._lock:
             idle = [(x.batch, x.capacity) for x in self._free]
-        return dict(mode="cuda_graph" if self.use_graphs else "static", graphs=s.graphs,
-                    warmup_s=list(s.warmup_s), graph_steps=s.graph_steps, eager_steps=s.eager_steps,
+        warmup = list(s.warmup_s)
+        if self.mode == "native":  # the compiled step's warm-up: building it (first time) or loading it
+            from ..kernels import cpu_decode
+            warmup = [round(cpu_decode.build_seconds(), 2)]
+        return dict(mode=self.mode, graphs=s.graphs, warmup_s=warmup, graph_steps=s.graph_steps,
+                    eager_steps=s.eager_steps, native_steps=s.native_steps,
                     sessions_created=s.sessions_created, idle_sessions=idle, fallbacks=dict(s.fallbacks))
 
     def note_fallback(self, reason: str) -> None:
@@ -255,9 +272,9 @@ def why_not_session(model: nn.Module, input_ids, generation_config, kwargs: dict
     return None, input_ids.shape[1] + max(int(new), 1)
 
 
-def install(model: nn.Module, spec: ArchitectureSpec, use_graphs: bool) -> DecodeRunner:
+def install(model: nn.Module, spec: ArchitectureSpec, mode: str) -> DecodeRunner:
     """Bind the session-aware generate() and forward() on this model instance."""
-    runner = DecodeRunner(model, spec, use_graphs)
+    runner = DecodeRunner(model, spec, mode)
     model.hetero_decode = runner
     model.forward = types.MethodType(_decode_forward, model)
     model.generate = types.MethodType(_decode_generate, model)

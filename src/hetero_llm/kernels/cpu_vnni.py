@@ -11,8 +11,8 @@ Measured: 40-64 GB/s and ~80x less error than the bf16 kernel (2e-5 vs 2e-3 rela
 
 The C++ source is compiled with torch.utils.cpp_extension (g++ and ninja) the
 first time a model uses it, then cached by torch. Without AVX-512 VNNI, a
-compiler or ninja, or with HETERO_LLM_NO_CPP_KERNELS=1, nothing is compiled and
-the int8pack path is used.
+compiler or ninja, with HETERO_LLM_NO_CPP_KERNELS=1, or with HETERO_LLM_CPU_ISA=avx2
+(or none), nothing is compiled and the int8pack path is used.
 """
 from __future__ import annotations
 
@@ -199,6 +199,10 @@ def _cpu_has_vnni() -> bool:
 def vnni_possible() -> bool:
     """Cheap check (nothing compiled): CPU, compiler and ninja are there, not disabled."""
     if os.environ.get("HETERO_LLM_NO_CPP_KERNELS", "") not in ("", "0"):
+        return False
+    from .cpu_decode import requested_isa
+
+    if requested_isa() in ("avx2", "none"):  # HETERO_LLM_CPU_ISA caps our kernels below AVX-512
         return False
     try:
         import ninja  # noqa: F401  (torch's JIT builder needs it)

@@ -296,7 +296,8 @@ def make_plan(model: nn.Module, hardware: Hardware, options: Options, *, strict:
                      "its own stays")
     settings["kernels"] = backend
     multi_device = parallel is not None or bool(device_map) or bool(offload)
-    settings["decode"], decode_note = choose_decode(model, spec, options, device, fusions, multi_device)
+    settings["decode"], decode_note = choose_decode(model, spec, options, device, fusions, multi_device,
+                                                       ordered)
     notes.append(decode_note)
     if settings["decode"] == "cuda_graph":  # the same decisions; decode costs without host launches
         graphed, _, cm_graph, _ = _plan_device(model, spec, role_map, profiles, tied, hardware, options, device,

@@ -41,7 +41,7 @@ def plan_parts(plan: Plan) -> tuple[str, ...]:
         used.add("norms")
     if plan.model_settings.get("attn_implementation") == "hetero_llm":
         used.add("attention_interface")
-    if plan.model_settings.get("decode") in ("static", "cuda_graph"):
+    if plan.model_settings.get("decode") in ("static", "cuda_graph", "native"):
         used.add("decode_step")
     return tuple(p for p in PARTS if p in used)
 
