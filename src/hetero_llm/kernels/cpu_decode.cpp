@@ -37,6 +37,95 @@ constexpr int64_t kStep = 32;
 const char* kIsa = "avx2";
 #endif
 
+// Vector helpers: exp (Cephes' polynomial, ~2 ulp; inputs here are <= 0 or moderate), dot, |x| max.
+#if defined(__AVX512VNNI__)
+using vfloat = __m512;
+constexpr int kLanes = 16;
+inline vfloat vload(const float* p) { return _mm512_loadu_ps(p); }
+inline void vstore(float* p, vfloat v) { _mm512_storeu_ps(p, v); }
+inline vfloat vset(float v) { return _mm512_set1_ps(v); }
+inline vfloat vadd(vfloat a, vfloat b) { return _mm512_add_ps(a, b); }
+inline vfloat vsub(vfloat a, vfloat b) { return _mm512_sub_ps(a, b); }
+inline vfloat vmul(vfloat a, vfloat b) { return _mm512_mul_ps(a, b); }
+inline vfloat vfma(vfloat a, vfloat b, vfloat c) { return _mm512_fmadd_ps(a, b, c); }
+inline vfloat vmax(vfloat a, vfloat b) { return _mm512_max_ps(a, b); }
+inline vfloat vmin(vfloat a, vfloat b) { return _mm512_min_ps(a, b); }
+inline vfloat vabs(vfloat a) { return _mm512_abs_ps(a); }
+inline vfloat vdiv(vfloat a, vfloat b) { return _mm512_div_ps(a, b); }
+inline vfloat vround(vfloat a) { return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+inline float vsum(vfloat a) { return _mm512_reduce_add_ps(a); }
+inline float vhmax(vfloat a) { return _mm512_reduce_max_ps(a); }
+inline vfloat vpow2i(vfloat n) {  // 2^n for integral n in the normal range
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23));
+}
+inline void vstore_i8(int8_t* p, vfloat v) {  // v integral in [-127, 127]
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(v)));
+}
+#else
+using vfloat = __m256;
+constexpr int kLanes = 8;
+inline vfloat vload(const float* p) { return _mm256_loadu_ps(p); }
+inline void vstore(float* p, vfloat v) { _mm256_storeu_ps(p, v); }
+inline vfloat vset(float v) { return _mm256_set1_ps(v); }
+inline vfloat vadd(vfloat a, vfloat b) { return _mm256_add_ps(a, b); }
+inline vfloat vsub(vfloat a, vfloat b) { return _mm256_sub_ps(a, b); }
+inline vfloat vmul(vfloat a, vfloat b) { return _mm256_mul_ps(a, b); }
+inline vfloat vfma(vfloat a, vfloat b, vfloat c) { return _mm256_fmadd_ps(a, b, c); }
+inline vfloat vmax(vfloat a, vfloat b) { return _mm256_max_ps(a, b); }
+inline vfloat vmin(vfloat a, vfloat b) { return _mm256_min_ps(a, b); }
+inline vfloat vabs(vfloat a) { return _mm256_andnot_ps(_mm256_set1_ps(-0.f), a); }
+inline vfloat vdiv(vfloat a, vfloat b) { return _mm256_div_ps(a, b); }
+inline vfloat vround(vfloat a) { return _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+inline float vsum(vfloat a) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+inline float vhmax(vfloat a) {
+  __m128 s = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_max_ss(s, _mm_movehdup_ps(s)));
+}
+inline vfloat vpow2i(vfloat n) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23));
+}
+inline void vstore_i8(int8_t* p, vfloat v) {
+  const __m256i i = _mm256_cvtps_epi32(v);
+  const __m128i w = _mm_packs_epi32(_mm256_castsi256_si128(i), _mm256_extracti128_si256(i, 1));
+  _mm_storel_epi64(reinterpret_cast<__m128i*>(p), _mm_packs_epi16(w, w));
+}
+#endif
+
+inline vfloat vexp(vfloat x) {
+  x = vmax(vmin(x, vset(88.3f)), vset(-87.3f));
+  const vfloat n = vround(vmul(x, vset(1.44269504088896341f)));
+  x = vfma(n, vset(-0.693359375f), x);
+  x = vfma(n, vset(2.12194440e-4f), x);
+  vfloat y = vset(1.9875691500e-4f);
+  y = vfma(y, x, vset(1.3981999507e-3f));
+  y = vfma(y, x, vset(8.3334519073e-3f));
+  y = vfma(y, x, vset(4.1665795894e-2f));
+  y = vfma(y, x, vset(1.6666665459e-1f));
+  y = vfma(y, x, vset(5.0000001201e-1f));
+  y = vfma(y, vmul(x, x), vadd(x, vset(1.f)));
+  return vmul(y, vpow2i(n));
+}
+
+inline float expf_fast(float x) {  // the same polynomial, one value (loop tails)
+  float buf[kLanes] = {x};
+  vstore(buf, vexp(vload(buf)));
+  return buf[0];
+}
+
+inline float dot(const float* a, const float* b, int64_t n) {
+  vfloat acc = vset(0.f);
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) acc = vfma(vload(a + i), vload(b + i), acc);
+  float s = vsum(acc);
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
 // An int8 weight (N, K) with one fp32 scale per output row and an optional fp32 bias.
 struct Linear {
   torch::Tensor w, scale, rowsum, bias;  // held so the memory stays alive
@@ -69,13 +158,24 @@ struct Levels {
     q = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(storage.data()) + 63) & ~uintptr_t(63));
     for (int64_t m = 0; m < rows; ++m) {
       const float* row = x + m * k;
-      float amax = 0.f;
-      for (int64_t i = 0; i < k; ++i) amax = std::max(amax, std::fabs(row[i]));
+      const int64_t kv = k - k % kLanes;
+      vfloat vmx = vset(0.f);
+      for (int64_t i = 0; i < kv; i += kLanes) vmx = vmax(vmx, vabs(vload(row + i)));
+      float amax = vhmax(vmx);
+      for (int64_t i = kv; i < k; ++i) amax = std::max(amax, std::fabs(row[i]));
       const float s = (amax > 0.f && std::isfinite(amax)) ? amax / 127.f : 1.f;
       const float inv1 = 1.f / s, inv2 = 254.f / s;
       int8_t* q1 = reinterpret_cast<int8_t*>(q + m * k);
       int8_t* q2 = reinterpret_cast<int8_t*>(q + (rows + m) * k);
-      for (int64_t i = 0; i < k; ++i) {
+      const vfloat vs = vset(s), vi1 = vset(inv1), vi2 = vset(inv2), lo = vset(-127.f), hi = vset(127.f);
+      for (int64_t i = 0; i < kv; i += kLanes) {  // round half to even, as torch.round and nearbyint
+        const vfloat v = vload(row + i);
+        const vfloat a = vmin(hi, vmax(lo, vround(vmul(v, vi1))));
+        const vfloat b = vmin(hi, vmax(lo, vround(vmul(vsub(v, vmul(a, vs)), vi2))));  // as the eager split
+        vstore_i8(q1 + i, a);
+        vstore_i8(q2 + i, b);
+      }
+      for (int64_t i = kv; i < k; ++i) {
         const float a = std::min(127.f, std::max(-127.f, std::nearbyint(row[i] * inv1)));
         const float b = std::min(127.f, std::max(-127.f, std::nearbyint((row[i] - a * s) * inv2)));
         q1[i] = static_cast<int8_t>(a);
@@ -89,32 +189,40 @@ struct Levels {
   }
 };
 
-// Exact integer dot products of one weight row with the 2B level rows (q1 of each row, then q2).
-template <int B>
-inline void row_dots(const Levels& lv, const int8_t* wrow, int64_t K, int64_t out[2 * B]) {
+// Exact integer dot products of R consecutive weight rows with the 2B level rows (q1 of each
+// activation row, then q2): out[r * 2B + i]. Several rows at once keep 2BR independent
+// accumulator chains in flight, so the loop runs at the speed of memory, not of dpbusd's latency.
+inline int64_t hsum(__m512i v) { return _mm512_reduce_add_epi32(v); }
+template <int B, int R>
+inline void row_dots(const Levels& lv, const int8_t* w, int64_t K, int64_t* out) {
 #if defined(__AVX512VNNI__)
-  __m512i acc[2 * B];
-  for (int i = 0; i < 2 * B; ++i) acc[i] = _mm512_setzero_si512();
+  __m512i acc[R * 2 * B];
+  for (int i = 0; i < R * 2 * B; ++i) acc[i] = _mm512_setzero_si512();
   for (int64_t k = 0; k < K; k += kStep) {
-    const __m512i wv = _mm512_loadu_si512(wrow + k);  // the weight is read once for all rows
-    for (int i = 0; i < 2 * B; ++i)
-      acc[i] = _mm512_dpbusd_epi32(acc[i], _mm512_load_si512(lv.q + i * K + k), wv);
-  }
-  for (int i = 0; i < 2 * B; ++i) out[i] = _mm512_reduce_add_epi32(acc[i]);
-#else
-  const __m256i ones = _mm256_set1_epi16(1);
-  __m256i acc[2 * B];
-  for (int i = 0; i < 2 * B; ++i) acc[i] = _mm256_setzero_si256();
-  for (int64_t k = 0; k < K; k += kStep) {
-    const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wrow + k));
-    const __m256i wabs = _mm256_abs_epi8(wv);
-    for (int i = 0; i < 2 * B; ++i) {
-      const __m256i xv = _mm256_load_si256(reinterpret_cast<const __m256i*>(lv.q + i * K + k));
-      const __m256i pairs = _mm256_maddubs_epi16(wabs, _mm256_sign_epi8(xv, wv));
-      acc[i] = _mm256_add_epi32(acc[i], _mm256_madd_epi16(pairs, ones));
+    __m512i x[2 * B];
+    for (int i = 0; i < 2 * B; ++i) x[i] = _mm512_load_si512(lv.q + i * K + k);
+    for (int r = 0; r < R; ++r) {
+      const __m512i wv = _mm512_loadu_si512(w + r * K + k);  // each weight is read once for all rows
+      for (int i = 0; i < 2 * B; ++i) acc[r * 2 * B + i] = _mm512_dpbusd_epi32(acc[r * 2 * B + i], x[i], wv);
     }
   }
-  for (int i = 0; i < 2 * B; ++i) {
+  for (int i = 0; i < R * 2 * B; ++i) out[i] = hsum(acc[i]);
+#else
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256i acc[R * 2 * B];
+  for (int i = 0; i < R * 2 * B; ++i) acc[i] = _mm256_setzero_si256();
+  for (int64_t k = 0; k < K; k += kStep) {
+    for (int r = 0; r < R; ++r) {
+      const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + r * K + k));
+      const __m256i wabs = _mm256_abs_epi8(wv);
+      for (int i = 0; i < 2 * B; ++i) {
+        const __m256i xv = _mm256_load_si256(reinterpret_cast<const __m256i*>(lv.q + i * K + k));
+        const __m256i pairs = _mm256_maddubs_epi16(wabs, _mm256_sign_epi8(xv, wv));
+        acc[r * 2 * B + i] = _mm256_add_epi32(acc[r * 2 * B + i], _mm256_madd_epi16(pairs, ones));
+      }
+    }
+  }
+  for (int i = 0; i < R * 2 * B; ++i) {
     __m128i s = _mm_add_epi32(_mm256_castsi256_si128(acc[i]), _mm256_extracti128_si256(acc[i], 1));
     s = _mm_hadd_epi32(s, s);
     s = _mm_hadd_epi32(s, s);
@@ -123,27 +231,37 @@ inline void row_dots(const Levels& lv, const int8_t* wrow, int64_t K, int64_t ou
 #endif
 }
 
-// y[m, n] (+)= scale[n] * s1[m] * (d1 + d2 / 254) + bias[n] (+ add[m, n]) for n in [0, N).
+// y[m, n] = scale[n] * s1[m] * (d1 + d2 / 254) + bias[n] (+ add[m, n]) for the R rows from n.
+template <int B, int R>
+inline void rows_out(const Levels& lv, const Linear& L, int64_t n, float* y, int64_t ldy, const float* add,
+                     int64_t ldadd) {
+  int64_t d[R * 2 * B];
+  row_dots<B, R>(lv, L.wp + n * L.K, L.K, d);
+  for (int r = 0; r < R; ++r, ++n) {
+    const int64_t* dr = d + r * 2 * B;
+#if defined(__AVX512VNNI__)
+    const int64_t offset = 128 * static_cast<int64_t>(L.rp[n]);  // undo the +128 of the levels
+#else
+    const int64_t offset = 0;
+#endif
+    for (int m = 0; m < B; ++m) {
+      float v = L.sp[n] * lv.s1[m] * (static_cast<float>(dr[m] - offset) +
+                                       static_cast<float>(dr[B + m] - offset) * (1.f / 254.f));
+      if (L.bp) v += L.bp[n];
+      if (add) v += add[m * ldadd + n];
+      y[m * ldy + n] = v;
+    }
+  }
+}
+
 template <int B>
 void gemv_rows(const Levels& lv, const Linear& L, float* y, int64_t ldy, const float* add, int64_t ldadd) {
-  at::parallel_for(0, L.N, 16, [&](int64_t begin, int64_t end) {
-    int64_t d[2 * B];
-    for (int64_t n = begin; n < end; ++n) {
-      row_dots<B>(lv, L.wp + n * L.K, L.K, d);
-#if defined(__AVX512VNNI__)
-      const int64_t offset = 128 * static_cast<int64_t>(L.rp[n]);
-#else
-      const int64_t offset = 0;
-#endif
-      for (int m = 0; m < B; ++m) {
-        float v = L.sp[n] * lv.s1[m] * (static_cast<float>(d[m] - offset) +
-                                         static_cast<float>(d[B + m] - offset) * (1.f / 254.f));
-        if (L.bp) v += L.bp[n];
-        if (add) v += add[m * ldadd + n];
-        y[m * ldy + n] = v;
-      }
-    }
+  constexpr int R = 1;  // one weight row at a time: blocking several measured slower (DRAM streams)
+  const int64_t blocks = L.N / R;
+  at::parallel_for(0, blocks, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t blk = begin; blk < end; ++blk) rows_out<B, R>(lv, L, blk * R, y, ldy, add, ldadd);
   });
+  for (int64_t n = blocks * R; n < L.N; ++n) rows_out<B, 1>(lv, L, n, y, ldy, add, ldadd);
 }
 
 void gemv(const Levels& lv, const Linear& L, float* y, int64_t ldy, const float* add = nullptr,
@@ -304,21 +422,26 @@ class DecodeLayers {
         const float* values = vc + (b * Hk_ + kh) * capacity * D_;
         float best = -INFINITY;
         for (int64_t t = 0; t < T; ++t) {
-          const float* k = keys + t * D_;
-          float dot = 0.f;
-          for (int64_t i = 0; i < D_; ++i) dot += q[i] * k[i];
-          scores[t] = dot * scaling_;
+          scores[t] = dot(q, keys + t * D_, D_) * scaling_;
           best = std::max(best, scores[t]);
         }
-        float total = 0.f;
-        for (int64_t t = 0; t < T; ++t) {
-          scores[t] = std::exp(scores[t] - best);
+        const int64_t Tv = T - T % kLanes;
+        vfloat vtotal = vset(0.f);
+        for (int64_t t = 0; t < Tv; t += kLanes) {
+          const vfloat e = vexp(vsub(vload(scores.data() + t), vset(best)));
+          vstore(scores.data() + t, e);
+          vtotal = vadd(vtotal, e);
+        }
+        float total = vsum(vtotal);
+        for (int64_t t = Tv; t < T; ++t) {
+          scores[t] = expf_fast(scores[t] - best);
           total += scores[t];
         }
         float* o = out + b * H_ * D_ + head * D_;
         std::fill(o, o + D_, 0.f);
+        const float inv = 1.f / total;
         for (int64_t t = 0; t < T; ++t) {
-          const float p = scores[t] / total;
+          const float p = scores[t] * inv;
           const float* v = values + t * D_;
           for (int64_t i = 0; i < D_; ++i) o[i] += p * v[i];
         }
@@ -331,8 +454,14 @@ class DecodeLayers {
       const float* g = gu + b * 2 * I_;
       const float* u = g + I_;
       float* o = out + b * I_;
-      if (act_ == 0) {
-        for (int64_t i = 0; i < I_; ++i) o[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
+      if (act_ == 0) {  // SiLU: g * sigmoid(g)
+        const int64_t Iv = I_ - I_ % kLanes;
+        for (int64_t i = 0; i < Iv; i += kLanes) {
+          const vfloat gv = vload(g + i);
+          const vfloat sig = vdiv(vset(1.f), vadd(vset(1.f), vexp(vsub(vset(0.f), gv))));
+          vstore(o + i, vmul(vmul(gv, sig), vload(u + i)));
+        }
+        for (int64_t i = Iv; i < I_; ++i) o[i] = g[i] / (1.f + expf_fast(-g[i])) * u[i];
       } else {
         const float c = std::sqrt(2.f / static_cast<float>(M_PI));
         for (int64_t i = 0; i < I_; ++i) {
