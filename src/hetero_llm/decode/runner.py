@@ -82,6 +82,7 @@ class DecodeStats:
     native_steps: int = 0  # decode="native": steps run by the compiled CPU layer loop
     sessions_created: int = 0
     fallbacks: dict = field(default_factory=dict)  # reason -> generate() calls left to transformers
+    loops: dict = field(default_factory=dict)  # decode="native": calls per token loop (decode.greedy)
 
 
 class DecodeRunner:
@@ -191,7 +192,14 @@ class DecodeRunner:
             warmup = [round(cpu_decode.build_seconds(), 2)]
         return dict(mode=self.mode, graphs=s.graphs, warmup_s=warmup, graph_steps=s.graph_steps,
                     eager_steps=s.eager_steps, native_steps=s.native_steps,
-                    sessions_created=s.sessions_created, idle_sessions=idle, fallbacks=dict(s.fallbacks))
+                    sessions_created=s.sessions_created, idle_sessions=idle, fallbacks=dict(s.fallbacks),
+                    loops=dict(s.loops))
+
+    def note_loop(self, problem: str | None) -> None:
+        """Count a session call by the loop that runs it: hetero_llm's greedy loop, or transformers'."""
+        key = "hetero_llm greedy" if problem is None else f"transformers ({problem})"
+        with self._lock:
+            self.stats.loops[key] = self.stats.loops.get(key, 0) + 1
 
     def note_fallback(self, reason: str) -> None:
         with self._lock:
@@ -228,9 +236,26 @@ def _decode_generate(self, inputs=None, generation_config=None, *args, **kwargs)
     if why:
         runner.note_fallback(why)
         return plain(self, inputs, generation_config=generation_config, **kwargs)
+    loop_problem = None
+    if runner.mode == "native":  # the CPU step is fast enough that transformers' loop shows: skip it
+        from .greedy import greedy_problem, greedy_settings
+
+        config = greedy_settings(self, generation_config, kwargs)
+        loop_problem = greedy_problem(config, kwargs, input_ids.shape[1])
+        runner.note_loop(loop_problem)
     session = runner.checkout(input_ids.shape[0], length)
-    kwargs[hf.cache_argument(self)] = session.cache
     keep = True
+    if runner.mode == "native" and loop_problem is None:
+        from .greedy import greedy_generate
+
+        try:
+            return greedy_generate(self, runner, session, input_ids, config, kwargs.get("streamer"))
+        except BaseException:
+            keep = False  # the cache may hold a half-written step
+            raise
+        finally:
+            runner.release(session, keep)
+    kwargs[hf.cache_argument(self)] = session.cache
     try:
         out = plain(self, inputs, generation_config=generation_config, **kwargs)
         keep = hf.output_cache(out) is not session.cache  # returned: the caller owns it now
