@@ -51,14 +51,15 @@ def requested_isa() -> str | None:
     return value
 
 
-def best_isa() -> str | None:
-    """The build this process uses: the best the CPU has at or below the cap; None if none can run."""
+def best_isa(isa=None) -> str | None:
+    """The build for a CPU with instruction sets `isa` (hardware.CPUInfo.isa; default: this machine's):
+    the best it has at or below the cap; None if none can run."""
     if os.environ.get("HETERO_LLM_NO_CPP_KERNELS", "") not in ("", "0"):
         return None
     cap = requested_isa()
     if cap == "none":
         return None
-    flags = set(inspect_hardware().cpu.isa)
+    flags = set(inspect_hardware().cpu.isa if isa is None else isa)
     names = list(BUILDS)
     allowed = names[names.index(cap):] if cap else names
     return next((isa for isa in allowed if all(f in flags for f in BUILDS[isa][1])), None)

@@ -27,17 +27,19 @@ REASONS = {
 }
 
 
-def _native_problem(model: nn.Module, spec: ArchitectureSpec, entries: list[PlanEntry]) -> str | None:
-    """Why the plan cannot decode with the native CPU step (decode.native), or None. The modules are
-    checked again when the step is installed; this is what the plan alone can tell."""
+def _native_problem(model: nn.Module, spec: ArchitectureSpec, entries: list[PlanEntry], isa) -> str | None:
+    """Why the plan cannot decode with the native CPU step (decode.native) on a CPU with instruction
+    sets `isa`, or None. Installing the step checks the modules again and builds it (a compiler and
+    ninja are needed then); this is what the plan alone can tell."""
     from ..kernels import cpu_decode
 
     dtype = next(model.parameters()).dtype
     if dtype != torch.float32:
         return f"the model computes in {dtype} (the native step is fp32)"
-    if not cpu_decode.possible():
-        return "no native CPU decode step here (needs AVX2 or AVX-512 VNNI, a C++ compiler and ninja)"
-    multiple = cpu_decode.K_MULTIPLE[cpu_decode.best_isa()]
+    build = cpu_decode.best_isa(isa)
+    if build is None:
+        return "no native CPU decode step for this CPU (it needs AVX2 or AVX-512 VNNI; or HETERO_LLM_CPU_ISA=none)"
+    multiple = cpu_decode.K_MULTIPLE[build]
     by_name = {e.name: e for e in entries}
     for index in range(len(model.get_submodule(spec.layers))):
         for role in NATIVE_ROLES:
@@ -72,7 +74,8 @@ def _problem(model: nn.Module, spec: ArchitectureSpec | None, fusions: list[Fusi
 
 
 def choose_decode(model: nn.Module, spec: ArchitectureSpec | None, options: Options, device: str,
-                  fusions: list[Fusion], multi_device: bool, entries: list[PlanEntry] = ()) -> tuple[str, str]:
+                  fusions: list[Fusion], multi_device: bool, entries: list[PlanEntry] = (),
+                  cpu_isa: tuple[str, ...] = ()) -> tuple[str, str]:
     """(mode, the plan's note): "cuda_graph", "static", "native" or "transformers"."""
     asked = options.kernels.decode
     if asked == "transformers":
@@ -85,7 +88,7 @@ def choose_decode(model: nn.Module, spec: ArchitectureSpec | None, options: Opti
                                  "CPU; use decode='auto' on this device.")
     problem = _problem(model, spec, fusions, multi_device)
     if problem is None and device == "cpu" and asked in ("auto", "native"):
-        problem = _native_problem(model, spec, list(entries))
+        problem = _native_problem(model, spec, list(entries), cpu_isa)
     if problem is not None:
         if asked != "auto":
             raise InvalidOptionError(f"decode={asked!r} cannot run this model: {problem}. "

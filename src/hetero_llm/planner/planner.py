@@ -297,7 +297,7 @@ def make_plan(model: nn.Module, hardware: Hardware, options: Options, *, strict:
     settings["kernels"] = backend
     multi_device = parallel is not None or bool(device_map) or bool(offload)
     settings["decode"], decode_note = choose_decode(model, spec, options, device, fusions, multi_device,
-                                                       ordered)
+                                                       ordered, hardware.cpu.isa)
     notes.append(decode_note)
     if settings["decode"] == "cuda_graph":  # the same decisions; decode costs without host launches
         graphed, _, cm_graph, _ = _plan_device(model, spec, role_map, profiles, tied, hardware, options, device,
