@@ -46,13 +46,17 @@ def ids(seed=0, b=2, s=9):
 
 # -- the plan ---------------------------------------------------------------------------------
 
-def test_plan_chooses_graphs_on_a_gpu_and_transformers_on_this_cpu():
+def test_plan_chooses_graphs_on_a_gpu_and_the_native_step_on_a_cpu():
     model = tiny()
     gpu = hetero_llm.plan(model, hardware="h100-80gb")
     assert gpu.model_settings["decode"] == "cuda_graph"
     assert any("CUDA-graph replay" in n for n in gpu.notes)
-    cpu = hetero_llm.plan(model, hardware="cpu-2core")
-    assert cpu.model_settings["decode"] == "transformers"
+    cpu = hetero_llm.plan(model, hardware="cpu-2core")  # INT8 by default on a CPU: decode.native
+    assert cpu.model_settings["decode"] == "native"
+    # Without INT8 weights the native step does not apply: transformers' loop, and the plan says why.
+    fp32 = hetero_llm.plan(model, hardware="cpu-2core", quantize="none")
+    assert fp32.model_settings["decode"] == "transformers"
+    assert any("not symmetric per-channel INT8" in n for n in fp32.notes)
     assert hetero_llm.plan(model, hardware="cpu-2core", decode="static").model_settings["decode"] == "static"
     assert hetero_llm.plan(model, hardware="h100-80gb", decode="static").model_settings["decode"] == "static"
     # the setting survives the plan's JSON round trip

@@ -497,7 +497,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("K_MULTIPLE") = kStep;
   m.attr("MAX_ROWS") = kMaxRows;
   m.def("int8_gemv", &int8_gemv);
-  pybind11::class_<DecodeLayers>(m, "DecodeLayers")
+  pybind11::class_<DecodeLayers>(m, "DecodeLayers", pybind11::module_local())  // one per build
       .def(pybind11::init<int64_t, int64_t, int64_t, int64_t, double, double, int64_t>())
       .def("add_layer", &DecodeLayers::add_layer)
       .def("forward", &DecodeLayers::forward, pybind11::call_guard<pybind11::gil_scoped_release>())
