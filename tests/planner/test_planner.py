@@ -94,7 +94,7 @@ def test_roles_and_fusions_llama():
     assert attn.action == "swap" and attn.kernel == "sdpa+rotary"
     for name in ("model.layers.0.input_layernorm", "model.norm"):
         assert p.entry(name).action == "swap" and p.entry(name).kernel == "torch-rms_norm"
-    assert p.model_settings == {"attn_implementation": "sdpa", "kernels": "torch", "decode": "transformers"}
+    assert p.model_settings == {"attn_implementation": "sdpa", "kernels": "torch", "decode": "native"}
 
 
 def test_opt_fuses_qkv_and_keeps_layernorm():

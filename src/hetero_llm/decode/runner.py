@@ -233,6 +233,8 @@ def _decode_generate(self, inputs=None, generation_config=None, *args, **kwargs)
         return plain(self, inputs, generation_config, *args, **kwargs)
     input_ids = inputs if inputs is not None else kwargs.get("input_ids")
     why, length = why_not_session(self, input_ids, generation_config, kwargs)
+    if why is None and runner.mode == "native":
+        why = native_now_problem(self)
     if why:
         runner.note_fallback(why)
         return plain(self, inputs, generation_config=generation_config, **kwargs)
@@ -295,6 +297,16 @@ def why_not_session(model: nn.Module, input_ids, generation_config, kwargs: dict
     # input + max_length covers both (a longer cache costs memory, never time).
     new = config.max_new_tokens if config.max_new_tokens is not None else (config.max_length or 20)
     return None, input_ids.shape[1] + max(int(new), 1)
+
+
+def native_now_problem(model: nn.Module) -> str | None:
+    """What keeps the native step from this call although it was installed: the model cast or moved since."""
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    if dtype != torch.float32:
+        return f"the model was cast to {str(dtype).replace('torch.', '')} after accelerate() (the native step is fp32)"
+    if next(model.parameters()).device.type != "cpu":
+        return "the model was moved off the CPU after accelerate()"
+    return None
 
 
 def install(model: nn.Module, spec: ArchitectureSpec, mode: str) -> DecodeRunner:

@@ -27,13 +27,14 @@ REASONS = {
 }
 
 
-def _native_problem(model: nn.Module, spec: ArchitectureSpec, entries: list[PlanEntry], isa) -> str | None:
+def _native_problem(model: nn.Module, spec: ArchitectureSpec, entries: list[PlanEntry], isa,
+                    compute_dtype: str | None) -> str | None:
     """Why the plan cannot decode with the native CPU step (decode.native) on a CPU with instruction
     sets `isa`, or None. Installing the step checks the modules again and builds it (a compiler and
     ninja are needed then); this is what the plan alone can tell."""
     from ..kernels import cpu_decode
 
-    dtype = next(model.parameters()).dtype
+    dtype = getattr(torch, compute_dtype) if compute_dtype else next(model.parameters()).dtype
     if dtype != torch.float32:
         return f"the model computes in {dtype} (the native step is fp32)"
     build = cpu_decode.best_isa(isa)
@@ -75,7 +76,7 @@ def _problem(model: nn.Module, spec: ArchitectureSpec | None, fusions: list[Fusi
 
 def choose_decode(model: nn.Module, spec: ArchitectureSpec | None, options: Options, device: str,
                   fusions: list[Fusion], multi_device: bool, entries: list[PlanEntry] = (),
-                  cpu_isa: tuple[str, ...] = ()) -> tuple[str, str]:
+                  cpu_isa: tuple[str, ...] = (), compute_dtype: str | None = None) -> tuple[str, str]:
     """(mode, the plan's note): "cuda_graph", "static", "native" or "transformers"."""
     asked = options.kernels.decode
     if asked == "transformers":
@@ -88,7 +89,7 @@ def choose_decode(model: nn.Module, spec: ArchitectureSpec | None, options: Opti
                                  "CPU; use decode='auto' on this device.")
     problem = _problem(model, spec, fusions, multi_device)
     if problem is None and device == "cpu" and asked in ("auto", "native"):
-        problem = _native_problem(model, spec, list(entries), cpu_isa)
+        problem = _native_problem(model, spec, list(entries), cpu_isa, compute_dtype)
     if problem is not None:
         if asked != "auto":
             raise InvalidOptionError(f"decode={asked!r} cannot run this model: {problem}. "

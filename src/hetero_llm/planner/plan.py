@@ -179,8 +179,17 @@ class Plan:
             if e.name in unfuse:
                 return replace(e, kernel=e.kernel.split("+", 1)[0] if "+fused:" in e.kernel else e.kernel)
             return e
+        settings, notes = self.model_settings, self.notes
+        # The decode steps need every attention fused, and the native one INT8 linears: an edit that may
+        # break that decodes with transformers' loop (re-plan to get the step back).
+        decode = settings.get("decode")
+        if ((decode in ("cuda_graph", "static", "native") and any(f.kind == "rotary_attention" for f in broken))
+                or (decode == "native" and {"action", "quant"} & set(changes))):
+            settings = {**settings, "decode": "transformers"}
+            notes = tuple(n for n in notes if not n.startswith("decode:")) + (
+                f"decode: transformers' generate loop (the edit of {name} may break what decode={decode!r} needs)",)
         return replace(self, entries=tuple(edit(e) for e in self.entries),
-                       fusions=tuple(f for f in self.fusions if f not in broken))
+                       fusions=tuple(f for f in self.fusions if f not in broken), model_settings=settings, notes=notes)
 
     # -- serialization -------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

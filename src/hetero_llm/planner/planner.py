@@ -25,6 +25,7 @@ from .placement import split_for_budget
 from .predict import DTYPE_BYTES, predict, quant_bytes
 from .profile import ModuleProfile, profile_model
 from .decoding import choose_decode
+from .precision import choose_compute_dtype
 from .pruning import mark_pruning
 from ..prune.structured import plan_shrink, pruned_view
 
@@ -295,9 +296,13 @@ def make_plan(model: nn.Module, hardware: Hardware, options: Options, *, strict:
         notes.append(f"attention: {type(model).__name__} does not take the {attention!r} implementation; "
                      "its own stays")
     settings["kernels"] = backend
+    compute_dtype, dtype_note = choose_compute_dtype(model, device, ordered)
+    if compute_dtype is not None:
+        settings["compute_dtype"] = compute_dtype
+        notes.append(dtype_note)
     multi_device = parallel is not None or bool(device_map) or bool(offload)
     settings["decode"], decode_note = choose_decode(model, spec, options, device, fusions, multi_device,
-                                                       ordered, hardware.cpu.isa)
+                                                       ordered, hardware.cpu.isa, compute_dtype)
     notes.append(decode_note)
     if settings["decode"] == "cuda_graph":  # the same decisions; decode costs without host launches
         graphed, _, cm_graph, _ = _plan_device(model, spec, role_map, profiles, tied, hardware, options, device,

@@ -144,3 +144,17 @@ def empty_quantize_pass(model: nn.Module, plan: Plan) -> list[tuple[str, str, st
         replace_module(model, e.name, new)
         swaps.append((e.name, type(old).__name__, type(new).__name__))
     return swaps
+
+
+def compute_dtype_pass(model: nn.Module, plan: Plan) -> list:
+    """Cast what is left in float to the plan's compute dtype (planner.precision): after the
+    quantize pass, so the INT8 weights are already out of the way. INT8 modules keep their int8
+    tensors and fp32 scales through the cast."""
+    name = plan.model_settings.get("compute_dtype")
+    if name is None:
+        return []
+    dtype = getattr(torch, name)
+    if all(t.dtype == dtype for t in list(model.parameters()) + list(model.buffers()) if t.is_floating_point()):
+        return []
+    model.to(dtype)
+    return [("compute_dtype", type(model).__name__, f"floating tensors cast to {name}")]
