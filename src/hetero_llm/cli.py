@@ -100,12 +100,15 @@ def _variants(args):
     """Fresh copies of the model: original, hetero_llm, and the peer a CPU user would pick."""
     from .api import accelerate
     from .evaluate import load_model, torch_dynamic_int8
-    original, tokenizer = load_model(args.model)
-    accelerated = accelerate(load_model(args.model)[0], strict=not args.no_strict,
+    import torch
+
+    dtype = getattr(torch, args.dtype)  # the original runs in it; hetero_llm starts from the same model
+    original, tokenizer = load_model(args.model, dtype=dtype)
+    accelerated = accelerate(load_model(args.model, dtype=dtype)[0], strict=not args.no_strict,
                              calibration_data=_calibration(args, tokenizer), **_options(args))
     variants = {"original": original, "hetero_llm": accelerated}
     if not args.no_peer:
-        variants["torch-dynamic-int8"] = torch_dynamic_int8(load_model(args.model)[0])
+        variants["torch-dynamic-int8"] = torch_dynamic_int8(load_model(args.model)[0])  # fp32 only
     return variants, tokenizer
 
 
@@ -292,6 +295,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "'int8' lets ONNX Runtime run int8 matmuls on activations quantized in blocks of 32; "
                         "'both' adds both sides (needs onnx, onnxscript, onnxruntime)")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                   help="the dtype the model is loaded in, for the original and before accelerate() "
+                        "(transformers 5 loads most checkpoints in bfloat16); default float32")
     p.add_argument("--out", default=BENCH_OUT, help=f"folder for bench.json and bench.png (default: {BENCH_OUT})")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_options(p)
