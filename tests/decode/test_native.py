@@ -305,3 +305,15 @@ def test_saved_and_loaded_models_keep_the_native_step(build, tmp_path):
     assert loaded.hetero_plan.model_settings["decode"] == "native"
     assert torch.equal(loaded.generate(x, max_new_tokens=6), ours.generate(x, max_new_tokens=6))
     assert loaded.hetero_decode.report()["native_steps"] == 5
+
+
+def test_the_bound_forward_takes_logits_to_keep(build):
+    """transformers' generate() (and hetero_llm's bench) read forward's signature to ask for the last
+    position's logits only: without the name, a prompt's lm_head ran over every position."""
+    import inspect
+
+    _, ours = pair()
+    assert "logits_to_keep" in inspect.signature(ours.forward).parameters
+    x = ids(9, b=2)
+    assert ours(x, logits_to_keep=1).logits.shape == (2, 1, 256)
+    assert ours(x).logits.shape == (2, x.shape[1], 256)

@@ -209,8 +209,12 @@ class DecodeRunner:
 # -- the methods bound on the model ------------------------------------------------------------
 
 def _decode_forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                    inputs_embeds=None, use_cache=None, **kwargs):
+                    inputs_embeds=None, use_cache=None, logits_to_keep=None, **kwargs):
+    # `logits_to_keep` is named so that callers that read the signature (transformers' generate(), which
+    # then computes the prompt's logits for its last position only) see that the model takes it.
     runner: DecodeRunner = self.hetero_decode
+    if logits_to_keep is not None:
+        kwargs["logits_to_keep"] = logits_to_keep
     cache = hf.take_cache(kwargs, past_key_values)  # `cache=` from transformers >= 5.25
     session = runner.session_of(cache) if cache is not None else None
     if (session is not None and inputs_embeds is None and input_ids is not None and session.prefilled

@@ -101,6 +101,25 @@ def graphed(costs: DeviceCosts) -> DeviceCosts:
                    norm_us={k: GRAPH_KERNEL_US for k in costs.norm_us}, op_us=GRAPH_KERNEL_US)
 
 
+# A CPU decode step in one native call (decode="native", kernels/cpu_decode.cpp): a linear's fixed
+# cost is one parallel region, a block's work outside matmuls is a few short loops (norms, rotary,
+# attention, activation: ~15 us on SmolLM2's widths, plus its KV-cache reads), and the step around
+# the layers (embedding, rotary tables, final norm, lm_head's call, hetero_llm's greedy loop) ~0.5 ms.
+# Measured on the reference machine (SmolLM2-135M: layers 4.2 ms, lm_head 0.6-0.9 ms, the rest ~0.5 ms).
+NATIVE_CALL_US = 2.0
+NATIVE_BLOCK_US = 15.0
+NATIVE_NORM_US = 1.0
+NATIVE_STEP_US = 500.0
+
+
+def native_cpu(costs: DeviceCosts) -> DeviceCosts:
+    """`costs` for a CPU decode step run by the native layer loop: per-op dispatch costs go away."""
+    linears = {k: replace(c, call_us=min(c.call_us, NATIVE_CALL_US)) for k, c in costs.linears.items()}
+    return replace(costs, linears=linears, step_us={k: NATIVE_STEP_US for k in costs.step_us},
+                   block_us={k: NATIVE_BLOCK_US for k in costs.block_us},
+                   norm_us={k: NATIVE_NORM_US for k in costs.norm_us}, op_us=0.2)
+
+
 def device_costs(hardware: Hardware, device: str) -> DeviceCosts:
     """Costs of `device` ("cpu" or "cuda"): measured on this machine, else table values."""
     if device.startswith("cuda"):

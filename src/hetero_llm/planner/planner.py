@@ -210,13 +210,17 @@ def _kv_bytes_per_token(model: nn.Module, dtype_bytes: int) -> tuple[float, int]
     return 2.0 * kv_heads * head_dim * dtype_bytes, hidden
 
 
+# Decode modes whose steps the cost model prices differently (the decisions stay the same).
+DECODE_COSTS = {"cuda_graph": cost.graphed, "native": cost.native_cpu}
+
+
 def _plan_device(model: nn.Module, spec, role_map, profiles: list[ModuleProfile], tied: set[str],
-                 hardware: Hardware, options: Options, device: str, graph: bool = False) -> tuple:
+                 hardware: Hardware, options: Options, device: str, decode: str | None = None) -> tuple:
     """Entries, fused groups, cost model and kernel backend for the whole model on `device`
-    (`graph`: decode steps replayed as a CUDA graph, see cost.graphed)."""
+    (`decode`: a decode mode whose steps cost less per op, see DECODE_COSTS)."""
     work = options.workload
     costs = cost.device_costs(hardware, device)
-    cm = cost.CostModel(cost.graphed(costs) if graph else costs, work.batch_size, work.prompt_len)
+    cm = cost.CostModel(DECODE_COSTS[decode](costs) if decode else costs, work.batch_size, work.prompt_len)
     scheme, why = choose_scheme(options, device)
     # GPU profiles describe machines with Triton; an inspected machine reports its own.
     triton_gpu = device == "cuda" and hardware.triton.can_run_gpu_kernels
@@ -304,13 +308,13 @@ def make_plan(model: nn.Module, hardware: Hardware, options: Options, *, strict:
     settings["decode"], decode_note = choose_decode(model, spec, options, device, fusions, multi_device,
                                                        ordered, hardware.cpu.isa, compute_dtype)
     notes.append(decode_note)
-    if settings["decode"] == "cuda_graph":  # the same decisions; decode costs without host launches
-        graphed, _, cm_graph, _ = _plan_device(model, spec, role_map, profiles, tied, hardware, options, device,
-                                               graph=True)
-        mark_pruning(graphed, profiles, options.prune, tied, shrink, hardware=hardware, cm=cm_graph,
+    if settings["decode"] in DECODE_COSTS:  # the same decisions; decode costs without per-op dispatch
+        stepped, _, cm_step, _ = _plan_device(model, spec, role_map, profiles, tied, hardware, options, device,
+                                              decode=settings["decode"])
+        mark_pruning(stepped, profiles, options.prune, tied, shrink, hardware=hardware, cm=cm_step,
                      tp=options.placement.tp)
-        ordered = [replace(e, decode_us_after=graphed[e.name].decode_us_after) for e in ordered]
-        step = predict({e.name: e for e in ordered}, profiles, tied, cm_graph, options.workload.prompt_len,
+        ordered = [replace(e, decode_us_after=stepped[e.name].decode_us_after) for e in ordered]
+        step = predict({e.name: e for e in ordered}, profiles, tied, cm_step, options.workload.prompt_len,
                        hidden)
         prediction = replace(prediction, decode_ms_after=step.decode_ms_after)
     return Plan(model_type=model_type_of(model), family=spec.family if spec else None, device=device,
