@@ -24,6 +24,8 @@ OpenVINO GenAI in a virtualenv of its own: `python -m venv ov && ov/bin/pip inst
 
     python benchmarks/cpu_peers.py --llama-cpp .../vendor/llama.cpp [--openvino-python ov/bin/python]
         [--model smollm2|llama-1b] [--repeats 3] [--out benchmarks/results/cpu_peers_smollm2.json]
+
+Without --llama-cpp only the original and hetero_llm are timed (the same measurements, no peers).
 """
 from __future__ import annotations
 
@@ -152,7 +154,7 @@ def openvino(python: str, gguf: Path, prompt_len: int, new_tokens: int, threads:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--llama-cpp", type=Path, required=True, help="llama.cpp source tree with build/bin")
+    p.add_argument("--llama-cpp", type=Path, help="llama.cpp source tree with build/bin (skipped if not given)")
     p.add_argument("--openvino-python", help="a python with openvino-genai installed (skipped if not given)")
     p.add_argument("--model", choices=("smollm2", "llama-1b"), default="smollm2")
     p.add_argument("--repeats", type=int, default=3)
@@ -164,7 +166,9 @@ def main() -> None:
     threads = torch.get_num_threads()
     hw = inspect_hardware()
     source = model_dir(args.model)
-    f32, q8 = gguf_files(args.llama_cpp, source, args.model)
+    if args.openvino_python and not args.llama_cpp:
+        raise SystemExit("OpenVINO GenAI reads the Q8_0 GGUF that llama.cpp's tools make: give --llama-cpp too")
+    f32, q8 = gguf_files(args.llama_cpp, source, args.model) if args.llama_cpp else (None, None)
     original, tokenizer = load_model(str(source))
     accelerated = hetero_llm.accelerate(copy.deepcopy(original))
     decode_prompt, prefill_prompt = chat_prompt_ids(tokenizer), prompt_ids(tokenizer, args.prompt_len)
@@ -185,8 +189,9 @@ def main() -> None:
     systems = {
         "original (HF fp32)": hf_system(original),
         "hetero_llm INT8": hf_system(accelerated),
-        "llama.cpp Q8_0": lambda: llama_bench(args.llama_cpp, q8, args.prompt_len, args.new_tokens, threads),
     }
+    if args.llama_cpp:
+        systems["llama.cpp Q8_0"] = lambda: llama_bench(args.llama_cpp, q8, args.prompt_len, args.new_tokens, threads)
     if args.openvino_python:
         systems["OpenVINO GenAI (Q8_0 GGUF)"] = lambda: openvino(args.openvino_python, q8, args.prompt_len,
                                                                  args.new_tokens, threads, text_file)
@@ -204,9 +209,10 @@ def main() -> None:
     if args.ppl_tokens:
         for name, model in (("original (HF fp32)", original), ("hetero_llm INT8", accelerated)):
             ppl[name] = perplexity(model, tokenizer, max_tokens=args.ppl_tokens, progress=False).perplexity
-        chunks = max(1, args.ppl_tokens // 512)
-        ppl["llama.cpp F32"] = llama_perplexity(args.llama_cpp, f32, text_file, threads, chunks)
-        ppl["llama.cpp Q8_0"] = llama_perplexity(args.llama_cpp, q8, text_file, threads, chunks)
+        if args.llama_cpp:
+            chunks = max(1, args.ppl_tokens // 512)
+            ppl["llama.cpp F32"] = llama_perplexity(args.llama_cpp, f32, text_file, threads, chunks)
+            ppl["llama.cpp Q8_0"] = llama_perplexity(args.llama_cpp, q8, text_file, threads, chunks)
     result = {
         "model": args.model, "cpu": hw.cpu.model, "isa": list(hw.cpu.isa), "threads": threads,
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
@@ -225,10 +231,14 @@ def main() -> None:
         whole = f"{row['generate_tok_s']:.1f}" if "generate_tok_s" in row else "-"
         print(f"| {name} | {row['decode_tok_s']:.1f} | {whole} | {row['prefill_tok_s']:.1f} |")
     ours, ref = table["hetero_llm INT8"], table["original (HF fp32)"]
-    peer = table["llama.cpp Q8_0"]
-    print(f"\nhetero_llm vs llama.cpp Q8_0: decode {ours['decode_tok_s'] / peer['decode_tok_s']:.2f}x, "
-          f"prefill {ours['prefill_tok_s'] / peer['prefill_tok_s']:.2f}x; vs the original: decode "
-          f"{ours['decode_tok_s'] / ref['decode_tok_s']:.2f}x, prefill {ours['prefill_tok_s'] / ref['prefill_tok_s']:.2f}x")
+    if "llama.cpp Q8_0" in table:
+        peer = table["llama.cpp Q8_0"]
+        print(f"\nhetero_llm vs llama.cpp Q8_0: decode {ours['decode_tok_s'] / peer['decode_tok_s']:.2f}x, "
+              f"prefill {ours['prefill_tok_s'] / peer['prefill_tok_s']:.2f}x")
+    else:
+        print("\nllama.cpp not timed (no --llama-cpp); see this script's docstring to build it")
+    print(f"hetero_llm vs the original: decode {ours['decode_tok_s'] / ref['decode_tok_s']:.2f}x, "
+          f"prefill {ours['prefill_tok_s'] / ref['prefill_tok_s']:.2f}x")
     if ppl:
         print("perplexity:", ", ".join(f"{k} {v:.3f}" if v else f"{k} -" for k, v in ppl.items()))
     if args.out:

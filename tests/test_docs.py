@@ -71,6 +71,9 @@ SIZE_FLAGS = {
                                                     "int8-asym g128", "w8a8 smooth 0.5 + 8 fp channels"],
     ("python", "benchmarks/cpu_1b_shape.py"): ["--layers", "1", "--repeats", "1", "--new-tokens", "4",
                                               "--prompt-len", "32"],
+    # Without --llama-cpp: the original and hetero_llm only (the peers are never installed here).
+    ("python", "benchmarks/cpu_peers.py"): ["--repeats", "1", "--new-tokens", "4", "--prompt-len", "32",
+                                           "--ppl-tokens", "0"],
     ("python", "benchmarks/cpu_parallel.py"): ["--rounds", "1", "--tokens", "4", "--quantize", "int8"],
     ("python", "benchmarks/cpu_concurrency.py"): ["--rounds", "1", "--tokens", "4", "--threads", "2"],
     ("python", "examples/prune_smollm2.py"): ["--calibration", "2"],
@@ -120,6 +123,7 @@ INLINE = {
                                             "runs here (the same functions, fewer configurations)",
     "python benchmarks/cpu_concurrency.py": None,
     "python benchmarks/cpu_1b_shape.py": None,
+    "python benchmarks/cpu_peers.py": None,
     "python benchmarks/e2e_gpu.py --smoke": None,  # the GPU benchmark's CPU path, "in seconds"
     "python scripts/check_families.py [--json out.json]": None,
     "python benchmarks/gpu_int8_linear.py": "gpu",
