@@ -12,6 +12,7 @@ torch.utils.cpp_extension compiles it with the system g++ and ninja the first ti
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import os
 import shutil
@@ -27,6 +28,7 @@ from ..hardware import inspect_hardware
 log = logging.getLogger("hetero_llm")
 
 SOURCE = Path(__file__).with_name("cpu_decode.cpp")
+HEADER = Path(__file__).with_name("cpu_vector.h")  # included by SOURCE
 ISA_ENV = "HETERO_LLM_CPU_ISA"
 # Build flags, and the instruction sets (hardware.CPUInfo.isa names) each build needs, best first.
 BUILDS = {
@@ -82,7 +84,9 @@ def _module(isa: str):
 
     start = time.perf_counter()
     log.info("hetero_llm: building the %s decode step (once per machine; cached by torch)", isa)
-    module = load(name=f"hetero_llm_cpu_decode_{isa}_v1", sources=[str(SOURCE)],
+    # torch rebuilds when a listed source changes, not when a header does: the name carries both.
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in (SOURCE, HEADER))).hexdigest()[:10]
+    module = load(name=f"hetero_llm_cpu_decode_{isa}_{digest}", sources=[str(SOURCE)],
                   extra_cflags=["-O3", "-fopenmp", *BUILDS[isa][0]], extra_ldflags=["-fopenmp"], verbose=False)
     _build_seconds[0] += time.perf_counter() - start
     return module if _self_test(module) else None
