@@ -317,3 +317,14 @@ def test_the_bound_forward_takes_logits_to_keep(build):
     x = ids(9, b=2)
     assert ours(x, logits_to_keep=1).logits.shape == (2, 1, 256)
     assert ours(x).logits.shape == (2, x.shape[1], 256)
+
+
+def test_batches_over_four_go_to_transformers_loop(build):
+    ref, ours = pair()
+    x = ids(10, b=cpu_decode.MAX_ROWS + 1)
+    kw = dict(max_new_tokens=5, attention_mask=torch.ones_like(x))
+    assert torch.equal(ours.generate(x, **kw), ref.generate(x, **kw))
+    report = ours.hetero_decode.report()
+    assert report["native_steps"] == 0 and report["fallbacks"] == {
+        f"a batch of {cpu_decode.MAX_ROWS + 1} sequences (the native CPU step decodes up to 4 at once)": 1}
+    assert cpu_decode.native_module().MAX_ROWS == cpu_decode.MAX_ROWS

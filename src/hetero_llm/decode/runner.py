@@ -238,7 +238,7 @@ def _decode_generate(self, inputs=None, generation_config=None, *args, **kwargs)
     input_ids = inputs if inputs is not None else kwargs.get("input_ids")
     why, length = why_not_session(self, input_ids, generation_config, kwargs)
     if why is None and runner.mode == "native":
-        why = native_now_problem(self)
+        why = native_now_problem(self, input_ids.shape[0])
     if why:
         runner.note_fallback(why)
         return plain(self, inputs, generation_config=generation_config, **kwargs)
@@ -303,8 +303,13 @@ def why_not_session(model: nn.Module, input_ids, generation_config, kwargs: dict
     return None, input_ids.shape[1] + max(int(new), 1)
 
 
-def native_now_problem(model: nn.Module) -> str | None:
-    """What keeps the native step from this call although it was installed: the model cast or moved since."""
+def native_now_problem(model: nn.Module, batch: int) -> str | None:
+    """What keeps the native step from this call although it was installed: more sequences than it
+    decodes at once, or the model cast or moved since."""
+    from ..kernels.cpu_decode import MAX_ROWS
+
+    if batch > MAX_ROWS:
+        return f"a batch of {batch} sequences (the native CPU step decodes up to {MAX_ROWS} at once)"
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     if dtype != torch.float32:
         return f"the model was cast to {str(dtype).replace('torch.', '')} after accelerate() (the native step is fp32)"

@@ -37,6 +37,7 @@ BUILDS = {
 }
 ISA_CHOICES = (*BUILDS, "none")
 K_MULTIPLE = {"avx512_vnni": 64, "avx2": 32}  # a GEMV's inputs come in registers of this many int8
+MAX_ROWS = 4  # sequences one step decodes (cpu_decode.cpp's kMaxRows: its accumulators live in registers)
 _build_seconds = [0.0]
 # The activation modules transformers uses, by class name -> the C++ step's code.
 ACTIVATIONS = {"SiLUActivation": 0, "SiLU": 0, "GELUTanh": 1, "PytorchGELUTanh": 1, "NewGELUActivation": 1}
