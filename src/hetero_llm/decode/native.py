@@ -19,6 +19,7 @@ from ..kernels import cpu_decode
 from ..kernels.cpu_decode import activation_code
 from ..kernels.decoder_layer import LAYER_CHILDREN
 from ..kernels.modules import GatedMLP, RMSNorm, RotaryAttention
+from ..planner.precision import model_dtype
 from ..quant.modules import Int8Linear
 from .step import DecodeStep
 
@@ -41,8 +42,9 @@ def native_problem(model: nn.Module, spec: ArchitectureSpec | None) -> str | Non
     problem = step_problem(model, spec)
     if problem is not None:
         return problem
-    if next(model.parameters()).dtype != torch.float32:
-        return f"the model computes in {next(model.parameters()).dtype} (the native step is fp32)"
+    dtype = model_dtype(model)
+    if dtype != torch.float32:
+        return f"the model computes in {dtype} (the native step is fp32)"
     module = cpu_decode.native_module()
     if module is None:
         return "no native CPU decode step on this machine (no AVX2/AVX-512 build, compiler or ninja)"

@@ -31,6 +31,7 @@ from torch import nn
 from ..errors import HeteroLLMWarning
 from ..integrations import hf_adapter as hf
 from ..integrations.transformers import ArchitectureSpec
+from ..planner.precision import model_dtype
 from .step import DecodeStep
 
 MODES = ("cuda_graph", "static", "native")
@@ -310,7 +311,7 @@ def native_now_problem(model: nn.Module, batch: int) -> str | None:
 
     if batch > MAX_ROWS:
         return f"a batch of {batch} sequences (the native CPU step decodes up to {MAX_ROWS} at once)"
-    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    dtype = model_dtype(model)
     if dtype != torch.float32:
         return f"the model was cast to {str(dtype).replace('torch.', '')} after accelerate() (the native step is fp32)"
     if next(model.parameters()).device.type != "cpu":

@@ -9,6 +9,7 @@ from ..config import Options
 from ..errors import InvalidOptionError
 from ..integrations.transformers import ArchitectureSpec
 from .plan import Fusion, PlanEntry
+from .precision import model_dtype
 
 # Modes by device under decode="auto". On the CPU the eager static step measured 0.93-0.97x
 # transformers' loop (SmolLM2-135M INT8, 2 cores: its ~1,000 small ops cost what the skipped mask
@@ -34,7 +35,7 @@ def _native_problem(model: nn.Module, spec: ArchitectureSpec, entries: list[Plan
     ninja are needed then); this is what the plan alone can tell."""
     from ..kernels import cpu_decode
 
-    dtype = getattr(torch, compute_dtype) if compute_dtype else next(model.parameters()).dtype
+    dtype = getattr(torch, compute_dtype) if compute_dtype else model_dtype(model)
     if dtype != torch.float32:
         return f"the model computes in {dtype} (the native step is fp32)"
     build = cpu_decode.best_isa(isa)
