@@ -1,9 +1,17 @@
-"""The per-machine cost cache: measured once, reused, refreshed on request, and skippable."""
+"""The per-machine cost cache: measured once, reused, refreshed on request, skippable, and
+measured again when it was taken on a busy machine or no longer matches the machine."""
 from __future__ import annotations
 
+import dataclasses
 import json
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
+
+from hetero_llm import _cpu_load
 
 from hetero_llm.hardware import hardware_profile, inspect_hardware
 from hetero_llm.planner import cost, measure
@@ -19,9 +27,87 @@ def fake_costs() -> DeviceCosts:
 def counted(monkeypatch, tmp_path):
     monkeypatch.setenv("HETERO_LLM_CACHE", str(tmp_path))
     monkeypatch.delenv("HETERO_LLM_MEASURE", raising=False)
+    monkeypatch.setattr(measure, "_CHECKED", set())
     calls = []
     monkeypatch.setattr(measure, "measure_cpu", lambda: calls.append(1) or fake_costs())
     return calls, tmp_path
+
+
+class FakeLoad:
+    """OtherLoad with a chosen reading."""
+
+    cores = 0.0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        pass
+
+    @property
+    def busy(self):
+        return self.cores >= _cpu_load.BUSY_CORES
+
+
+def cache_with(tmp_path: Path, **changes) -> Path:
+    """A cache file as measure_cpu would have written it, with `changes`."""
+    path = tmp_path / "machine" / f"cpu-{measure.machine_key(inspect_hardware())}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(dataclasses.replace(fake_costs(), **changes).to_dict()))
+    return path
+
+
+@pytest.mark.parametrize("others_now, others_then, probe_now, measured_again", [
+    (0.0, 0.0, 1000.0, False),  # quiet then and now, same speed: kept
+    (0.0, 1.0, 1000.0, True),   # taken while another process held a core, quiet now
+    (0.0, None, 1000.0, False),  # load unknown then (not Linux), same speed
+    (1.0, 1.0, 1000.0, False),  # busy now: measuring now would not be better
+    (0.0, 0.0, 600.0, True),    # the machine runs much faster than when measured
+    (0.0, 0.0, 1500.0, False),  # slower with nothing of ours busy: a noisy host; the best is kept
+    (0.0, 0.0, 1200.0, False),  # within the drift of a shared machine
+])
+def test_cache_is_checked_against_the_machine_once(counted, monkeypatch, others_now, others_then, probe_now,
+                                                   measured_again):
+    calls, tmp_path = counted
+    cache_with(tmp_path, probe_us=1000.0, others_cores=others_then)
+    monkeypatch.setattr(FakeLoad, "cores", others_now)
+    monkeypatch.setattr(measure, "OtherLoad", FakeLoad)
+    probes = []
+    monkeypatch.setattr(measure, "probe_us", lambda: probes.append(1) or probe_now)
+    hw = inspect_hardware()
+    measure.cached_cpu_costs(hw)
+    measure.cached_cpu_costs(hw)
+    assert len(calls) == int(measured_again) and len(probes) == 1
+
+
+@pytest.mark.skipif(not Path("/proc/stat").is_file(), reason="reads Linux's /proc/stat")
+def test_other_load_sees_a_process_spinning_on_our_cores():
+    spin = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.3)
+        with _cpu_load.OtherLoad() as load:
+            time.sleep(0.5)
+    finally:
+        spin.kill()
+        spin.wait()
+    assert load.cores is not None and load.cores >= 0.3 and load.busy
+
+
+def test_prompt_gemm_choice_timed_busy_is_timed_again(monkeypatch, tmp_path):
+    from hetero_llm.quant import cpu_prefill
+    monkeypatch.setenv("HETERO_LLM_CACHE", str(tmp_path))
+    monkeypatch.setattr(cpu_prefill, "available", lambda: ("bf16", "fp32"))
+    monkeypatch.setattr(cpu_prefill, "measure", lambda shape: {"bf16": 1.0, "fp32": 3.0})
+    path = cpu_prefill._cache_path()
+    path.parent.mkdir(parents=True)
+    busy = {"strategy": {"small": "fp32", "large": "fp32"}, "others_cores": 1.0}
+    for saved, expected in ((busy, "bf16"), ({**busy, "others_cores": 0.0}, "fp32")):
+        path.write_text(json.dumps(saved))
+        cpu_prefill.chosen.cache_clear()
+        try:
+            assert cpu_prefill.chosen() == {"small": expected, "large": expected}
+        finally:
+            cpu_prefill.chosen.cache_clear()
 
 
 def test_measured_once_then_cached(counted):

@@ -113,10 +113,14 @@ NATIVE_STEP_US = 500.0
 
 
 def native_cpu(costs: DeviceCosts) -> DeviceCosts:
-    """`costs` for a CPU decode step run by the native layer loop: per-op dispatch costs go away."""
+    """`costs` for a CPU decode step run by the native layer loop: per-op dispatch costs go away.
+    A block's and the step's own work are the "native" figures measure.py took on this CPU
+    (tiny Llamas decoded by the compiled step), else the reference machine's above."""
     linears = {k: replace(c, call_us=min(c.call_us, NATIVE_CALL_US)) for k, c in costs.linears.items()}
-    return replace(costs, linears=linears, step_us={k: NATIVE_STEP_US for k in costs.step_us},
-                   block_us={k: NATIVE_BLOCK_US for k in costs.block_us},
+    block = costs.block_us.get("native", NATIVE_BLOCK_US)
+    step = costs.step_us.get("native", NATIVE_STEP_US)
+    return replace(costs, linears=linears, step_us=dict.fromkeys(costs.step_us, step),
+                   block_us=dict.fromkeys(costs.block_us, block),
                    norm_us={k: NATIVE_NORM_US for k in costs.norm_us}, op_us=0.2)
 
 
@@ -159,7 +163,7 @@ class CostModel:
         rows = rows or self.batch
         c = self.linear_cost(kernel, quant, p.dtype)
         t_mem = c.decode_us(nbytes, p.in_features * p.out_features)
-        t_math = 2.0 * rows * p.in_features * p.out_features / (c.gemm_gflops * 1e3)
+        t_math = 2.0 * rows * p.in_features * p.out_features / (c.throughput(rows) * 1e3)
         return max(t_mem, t_math + c.call_us)
 
     def norm_us(self, kernel: str) -> float:

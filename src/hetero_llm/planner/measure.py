@@ -9,8 +9,16 @@ transformers' own blocks and for hetero_llm's fused ones. GEMM throughput (prefi
 memory-read bandwidth complete the roofline.
 
 Results go to `$HETERO_LLM_CACHE/machine/<key>.json` (default ~/.cache/hetero_llm), keyed by
-CPU, thread count, torch and hetero_llm versions; measuring takes ~10 s once.
+CPU, thread count, torch and hetero_llm versions; measuring takes ~20 s once.
 `HETERO_LLM_MEASURE=0` skips measuring and uses table values instead.
+
+A busy machine must not leave wrong figures behind. Every timing keeps its fastest batch (a
+busy core slows batches, never speeds them); the CPU time other processes took on our cores
+while measuring is recorded (`_cpu_load.OtherLoad`), with a short reference workload's time
+(`probe_us`). The first time a process reads the cache, it runs the reference again: when the
+machine is quiet now and the figures were taken busy, or the reference runs more than
+`PROBE_DRIFT` faster than it did then, everything is measured again (a machine that runs
+slower while nothing of ours is busy keeps its figures: they describe it at its best).
 """
 from __future__ import annotations
 
@@ -18,7 +26,6 @@ import hashlib
 import json
 import math
 import os
-import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -28,11 +35,12 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .._cpu_load import BUSY_CORES, OtherLoad
 from .._files import cache_dir, write_text_atomically
 from .._version import __version__
 from ..hardware import Hardware
 
-COSTS_VERSION = 2  # 2: INT8 prefill GEMM chosen per CPU (quant/cpu_prefill.py)
+COSTS_VERSION = 3  # 2: INT8 prefill GEMM chosen per CPU (quant/cpu_prefill.py); 3: fastest batch, probe
 # Weights cycled through to time streaming: 2x a 32 MiB last-level cache, so no call hits it.
 STREAM_POOL_BYTES = 64 * 2**20
 SMALL_SHAPE = (256, 256)  # (out, in): in cache, so its time is the kernel's fixed cost per call
@@ -40,8 +48,14 @@ SMALL_SHAPE = (256, 256)  # (out, in): in cache, so its time is the kernel's fix
 # leave the cache, so bandwidth is interpolated in log(parameters) between the two.
 MEDIUM_SHAPE = (1024, 1024)
 LARGE_SHAPE = (2048, 4096)
+# GEMM throughput is timed on prompts of these many rows: a CPU GEMM of 512 rows ran 10-25%
+# faster per FLOP than one of 128 here, so a 512-token prompt predicted from 128 came out slow.
+PROMPT_ROWS = (128, 512)
 TINY_LAYERS = (2, 10)
 TINY_NEW_TOKENS = 32
+# The cached figures are measured again when the reference workload runs faster by more than
+# this factor than when they were taken (run-to-run drift on a shared VM is ~15%).
+PROBE_DRIFT = 1.3
 
 
 @dataclass(frozen=True)
@@ -52,7 +66,16 @@ class LinearCost:
     call_us: float
     gbs: float  # streaming a medium weight
     gbs_large: float  # streaming a large weight
-    gemm_gflops: float  # throughput on a prompt (M = 128 rows), for prefill
+    gemm_gflops: float  # throughput on a prompt of PROMPT_ROWS[0] rows, for prefill
+    gemm_gflops_long: float = 0.0  # ... and of PROMPT_ROWS[1] (0: not measured, the same)
+
+    def throughput(self, rows: int) -> float:
+        """GEMM GFLOP/s on `rows` rows, interpolated in log(rows) between the measured two."""
+        if self.gemm_gflops_long <= 0:
+            return self.gemm_gflops
+        lo, hi = PROMPT_ROWS
+        t = min(max((math.log(max(rows, 1)) - math.log(lo)) / (math.log(hi) - math.log(lo)), 0.0), 1.0)
+        return self.gemm_gflops * (self.gemm_gflops_long / self.gemm_gflops) ** t
 
     def bandwidth(self, params: float) -> float:
         lo, hi = MEDIUM_SHAPE[0] * MEDIUM_SHAPE[1], LARGE_SHAPE[0] * LARGE_SHAPE[1]
@@ -77,6 +100,8 @@ class DeviceCosts:
     norm_us: dict[str, float] = field(default_factory=dict)  # one norm call, by kernel
     transfer_gbs: float = 0.0  # host <-> device copies (GPUs), pinned memory
     transfer_us: float = 0.0  # latency of one host <-> device copy
+    probe_us: float = 0.0  # the reference workload (probe_us()) when these were measured
+    others_cores: float | None = None  # cores other processes used meanwhile (None: unknown)
     version: int = COSTS_VERSION
 
     def to_dict(self) -> dict:
@@ -92,20 +117,38 @@ class DeviceCosts:
 # ----------------------------------------------------------------------------- timing
 
 
-def time_us(fn: Callable[[], object], min_s: float = 0.02, repeats: int = 5) -> float:
-    """Median microseconds per call over `repeats` batches of at least `min_s` each."""
+def time_us(fn: Callable[[], object], min_s: float = 0.002, budget_s: float = 0.08, min_repeats: int = 5) -> float:
+    """Microseconds per call at the fast end (FAST_QUANTILE) of many short batches (each at least
+    `min_s`, as many as fit in `budget_s`, at least `min_repeats`). Other processes only ever
+    slow a batch down, and a short batch often runs whole while a busy neighbour is descheduled:
+    with a process spinning on one of 2 cores, the fastest 20 ms batch of an op ran 1.7-2x slow,
+    2 ms ones 1.0-1.15x."""
     fn()
-    n, start = 1, time.perf_counter()
+    start = time.perf_counter()
     fn()
     once = max(time.perf_counter() - start, 1e-7)
     n = max(1, int(min_s / once))
-    samples = []
-    for _ in range(repeats):
+    samples: list[float] = []
+    spent = 0.0
+    while len(samples) < min_repeats or spent < budget_s:
         start = time.perf_counter()
         for _ in range(n):
             fn()
-        samples.append((time.perf_counter() - start) / n)
-    return statistics.median(samples) * 1e6
+        elapsed = time.perf_counter() - start
+        samples.append(elapsed / n)
+        spent += elapsed
+    return _fast_end(samples) * 1e6
+
+
+# Timings keep this quantile of their samples: the fast end, which a busy neighbour does not
+# reach, without the rare lucky batch the minimum would be (quiet, the minimum ran ~9% under
+# the median when streaming weights; this quantile a few percent).
+FAST_QUANTILE = 0.2
+
+
+def _fast_end(samples: list[float]) -> float:
+    ordered = sorted(samples)
+    return ordered[int(FAST_QUANTILE * (len(ordered) - 1))]
 
 
 # ----------------------------------------------------------------------------- linears
@@ -169,7 +212,7 @@ def _stream_gbs(build: Callable[[torch.Tensor], nn.Module], shape: tuple[int, in
         for m in pool:
             m(x)
     with torch.inference_mode():
-        per_call = time_us(_synced(stream, device), repeats=3) / count
+        per_call = time_us(_synced(stream, device), budget_s=0.1, min_repeats=3) / count
     return per / max(per_call - call_us, 0.05) / 1e3, first
 
 
@@ -194,11 +237,13 @@ def _measure_linear(build: Callable[[torch.Tensor], nn.Module], slow: bool,
         call = time_us(_synced(lambda: small(x_small), device))
     gbs, _ = _stream_gbs(build, MEDIUM_SHAPE, slow, call, device, dtype)
     gbs_large, big = _stream_gbs(build, LARGE_SHAPE, slow, call, device, dtype)
-    xs = torch.randn(128, LARGE_SHAPE[1], dtype=dtype, device=device)
-    with torch.inference_mode():
-        gemm = time_us(_synced(lambda: big(xs), device), min_s=0.05, repeats=3)
-    flops = 2 * 128 * LARGE_SHAPE[0] * LARGE_SHAPE[1]
-    return LinearCost(round(call, 3), round(gbs, 3), round(gbs_large, 3), round(flops / gemm / 1e3, 3))
+    gflops = []
+    for rows in PROMPT_ROWS:
+        xs = torch.randn(rows, LARGE_SHAPE[1], dtype=dtype, device=device)
+        with torch.inference_mode():
+            gemm = time_us(_synced(lambda: big(xs), device), budget_s=0.15, min_repeats=3)
+        gflops.append(round(2 * rows * LARGE_SHAPE[0] * LARGE_SHAPE[1] / gemm / 1e3, 3))
+    return LinearCost(round(call, 3), round(gbs, 3), round(gbs_large, 3), *gflops)
 
 
 # ----------------------------------------------------------------------------- whole blocks
@@ -215,23 +260,47 @@ def _tiny_llama(layers: int) -> nn.Module:
     return LlamaForCausalLM(cfg).eval()
 
 
-def _generate_us(model: nn.Module) -> float:
-    """Microseconds per decoded token of one greedy generate() (after a 16-token prompt)."""
+class _TokenClock:
+    """A generate() streamer that notes when each new token arrives (the first put() is the
+    prompt). Streamers run in transformers' loop and in hetero_llm's own greedy loop alike."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.times: list[float] = []
+
+    def put(self, value) -> None:
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
+def _generate_us(model: nn.Module) -> tuple[float, list[float]]:
+    """One greedy generate() of TINY_NEW_TOKENS after a 16-token prompt, in microseconds: the
+    first token (setting up, the prompt, the first step) and each later token's step."""
     ids = torch.arange(1, 17, device=model.device).reshape(1, -1)
+    clock = _TokenClock()
     with torch.inference_mode():
-        start = time.perf_counter()
         model.generate(ids, max_new_tokens=TINY_NEW_TOKENS, min_new_tokens=TINY_NEW_TOKENS, do_sample=False,
-                       pad_token_id=0, attention_mask=torch.ones_like(ids))
-        if model.device.type == "cuda":
-            torch.cuda.synchronize()
-    return (time.perf_counter() - start) * 1e6 / TINY_NEW_TOKENS
+                       pad_token_id=0, attention_mask=torch.ones_like(ids), streamer=clock)
+    marks = [clock.start] + clock.times[1:]  # times[0]: the prompt, put before any work
+    return (marks[1] - marks[0]) * 1e6, [(b - a) * 1e6 for a, b in zip(marks[1:], marks[2:])]
+
+
+def _token_us(runs: list[tuple[float, list[float]]]) -> float:
+    """Microseconds per token of a TINY_NEW_TOKENS generate(), as benchmarks count it (the first
+    token's set-up and prompt spread over all tokens), from the fast end of several runs: steps
+    are short (1-10 ms), so while another process holds a core some still run undisturbed."""
+    steps = sorted(step for _, run in runs for step in run)
+    first = min(first for first, _ in runs)
+    return (first + _fast_end(steps) * (TINY_NEW_TOKENS - 1)) / TINY_NEW_TOKENS
 
 
 def _block_costs(linears: dict[str, LinearCost], norm_us: dict[str, float],
                  device: torch.device = torch.device("cpu"), linear_key: str = "torch:float32") -> tuple[dict, dict]:
     """Per-step and per-block (non-matmul) costs of transformers' blocks ("sdpa") and
     hetero_llm's fused ones ("rotary"), from tiny Llamas decoded with 2 and 10 layers (runs
-    interleaved, medians). The tiny linears' and norms' own call costs are taken out, since the
+    interleaved, a low quantile of their per-token steps). The tiny linears' and norms' own call costs are taken out, since the
     cost model adds them per module."""
     import warnings
 
@@ -240,8 +309,15 @@ def _block_costs(linears: dict[str, LinearCost], norm_us: dict[str, float],
     int8 = next((k for k in ("cpu-vnni:int8", "cpu-int8pack:int8") if k in linears), linear_key)
     quantize = "int8" if int8 != linear_key else "none"
     styles = {"sdpa": (lambda m: m, 7, "torch", linear_key),  # q, k, v, o, gate, up, down; transformers' norm
-              "rotary": (lambda m: accelerate(m, quantize=quantize, hardware=_no_measure_hardware(), strict=False),
+              # transformers' loop: the native step has costs of its own (cost.native_cpu)
+              "rotary": (lambda m: accelerate(m, quantize=quantize, hardware=_no_measure_hardware(), strict=False,
+                                              decode="transformers"),
                          4, "torch-rms_norm", int8)}  # fused qkv, o, fused gate_up, down
+    if quantize == "int8" and _native_possible():
+        # The compiled step (decode="native"): its linears and norms run inside it, so a block's
+        # measured time minus its in-cache GEMVs is all "block" (norm and call costs: NATIVE_*).
+        styles["native"] = (lambda m: accelerate(m, quantize="int8", hardware=_no_measure_hardware(), strict=False,
+                                                 decode="native"), 0, None, int8)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         models = {(style, n): prepare(_tiny_llama(n).to(device, dtype))
@@ -252,15 +328,22 @@ def _block_costs(linears: dict[str, LinearCost], norm_us: dict[str, float],
         for _ in range(5):
             for key, m in models.items():
                 runs[key].append(_generate_us(m))
-    # min, not median: on a shared machine the fastest run is the one least disturbed
     step, block = {}, {}
     for style, (_, n_linears, norm, kernel) in styles.items():
-        call = linears[kernel].call_us
-        t_lo, t_hi = (min(runs[(style, n)]) for n in TINY_LAYERS)
+        call = linears[kernel].call_us if n_linears else 0.0
+        norm_call = norm_us[norm] if norm else 0.0
+        t_lo, t_hi = (_token_us(runs[(style, n)]) for n in TINY_LAYERS)
         per_block = (t_hi - t_lo) / (TINY_LAYERS[1] - TINY_LAYERS[0])
-        block[style] = round(max(per_block - n_linears * call - 2 * norm_us[norm], 0.0), 3)
-        step[style] = round(max(t_lo - TINY_LAYERS[0] * per_block - call - norm_us[norm], 0.0), 3)
+        block[style] = round(max(per_block - n_linears * call - 2 * norm_call, 0.0), 3)
+        step[style] = round(max(t_lo - TINY_LAYERS[0] * per_block - call - norm_call, 0.0), 3)
     return step, block
+
+
+def _native_possible() -> bool:
+    """Whether the compiled CPU decode step can be built here (building it, ~30 s once, when
+    it is not in torch's extension cache yet: accelerate() would build it next anyway)."""
+    from ..kernels import cpu_decode
+    return cpu_decode.possible() and cpu_decode.native_module() is not None
 
 
 def _norm_costs() -> dict[str, float]:
@@ -281,21 +364,39 @@ def _read_gbs(device: torch.device) -> float:
     """Plain memory-read bandwidth: summing an array 8x the cache pool."""
     big = torch.ones(STREAM_POOL_BYTES * 2, dtype=torch.float32, device=device)
     with torch.inference_mode():
-        return big.numel() * 4 / time_us(_synced(lambda: big.sum(), device), repeats=3) / 1e3
+        return big.numel() * 4 / time_us(_synced(lambda: big.sum(), device), budget_s=0.1, min_repeats=3) / 1e3
+
+
+def probe_us() -> float:
+    """A fixed reference workload on all threads (~0.15 s in all): a 16 MB read and a 128-row
+    GEMM, the two things decode and prompts are made of. Compared with the figure stored beside
+    the cached costs, it says whether the machine runs as it did when they were measured."""
+    data = torch.ones(4 * 2**20)
+    a, w = torch.randn(128, 1024), torch.randn(1024, 1024)
+    with torch.inference_mode():
+        return time_us(lambda: (data.sum(), a @ w), budget_s=0.15, min_repeats=20)
 
 
 def measure_cpu() -> DeviceCosts:
-    """Run the CPU micro-benchmarks (~20 s on 2 cores)."""
-    read_gbs = _read_gbs(torch.device("cpu"))
-    small_a, small_b = torch.randn(1, 576), torch.randn(1, 576)
-    with torch.inference_mode():
-        op_us = time_us(lambda: torch.add(small_a, small_b))
-    linears = {}
-    for name, build in _linear_variants().items():
-        linears[name] = _measure_linear(build, slow=name.startswith("torch-w8a8"))
-    norm_us = _norm_costs()
-    step_us, block_us = _block_costs(linears, norm_us)
-    return DeviceCosts("cpu", "measured", round(read_gbs, 3), round(op_us, 3), linears, step_us, block_us, norm_us)
+    """Run the CPU micro-benchmarks (~20 s on 2 cores), noting how busy other processes kept
+    our cores meanwhile."""
+    with OtherLoad() as load:
+        probe = probe_us()
+        read_gbs = _read_gbs(torch.device("cpu"))
+        small_a, small_b = torch.randn(1, 576), torch.randn(1, 576)
+        with torch.inference_mode():
+            op_us = time_us(lambda: torch.add(small_a, small_b))
+        linears = {}
+        for name, build in _linear_variants().items():
+            linears[name] = _measure_linear(build, slow=name.startswith("torch-w8a8"))
+        norm_us = _norm_costs()
+        step_us, block_us = _block_costs(linears, norm_us)
+        probe = min(probe, probe_us())
+    if load.busy:
+        print(f"hetero_llm: other processes used {load.cores:.1f} cores while this CPU was measured; "
+              "the figures are kept for now and measured again once the machine is quiet", file=sys.stderr)
+    return DeviceCosts("cpu", "measured", round(read_gbs, 3), round(op_us, 3), linears, step_us, block_us, norm_us,
+                       probe_us=round(probe, 3), others_cores=load.cores)
 
 
 # ----------------------------------------------------------------------------- cache
@@ -320,15 +421,44 @@ def cached_cpu_costs(hardware: Hardware, *, refresh: bool = False) -> DeviceCost
     if os.environ.get("HETERO_LLM_MEASURE", "1").strip() in ("0", "false", "no"):
         return None
     path = _cache_dir() / f"cpu-{machine_key(hardware)}.json"
+    why = "once; cached"
     if path.is_file() and not refresh:
         try:
-            return DeviceCosts.from_dict(json.loads(path.read_text()))
+            cached = DeviceCosts.from_dict(json.loads(path.read_text()))
         except (ValueError, TypeError, KeyError):
-            pass  # a damaged or older file: measure again
-    print("hetero_llm: measuring this CPU for the cost model (once; cached)...", file=sys.stderr, flush=True)
+            cached = None  # a damaged or older file: measure again
+        if cached is not None:
+            why = _stale(path, cached)
+            if why is None:
+                return cached
+    print(f"hetero_llm: measuring this CPU for the cost model ({why})...", file=sys.stderr, flush=True)
     costs = measure_cpu()
     write_text_atomically(path, json.dumps(costs.to_dict(), indent=1))
+    _CHECKED.add(str(path))
     return costs
+
+
+_CHECKED: set[str] = set()  # cache files this process has checked against the machine
+
+
+def _stale(path: Path, cached: DeviceCosts) -> str | None:
+    """Why the cached figures should be measured again, or None to keep them. Checked once per
+    process and file (~0.15 s): the reference workload is run and compared."""
+    if str(path) in _CHECKED:
+        return None
+    _CHECKED.add(str(path))
+    with OtherLoad() as load:
+        now = probe_us()
+    if load.busy:
+        return None  # busy now: measuring now could only be worse than what is cached
+    if cached.others_cores is not None and cached.others_cores >= BUSY_CORES:
+        return f"the cached figures were taken while other processes used {cached.others_cores:.1f} cores"
+    if cached.probe_us > 0 and now * PROBE_DRIFT < cached.probe_us:
+        return (f"a reference workload runs {cached.probe_us / now:.2f}x as fast as when the cached figures "
+                "were taken")
+    # Slower now, yet nothing of ours is busy: a noisy neighbour on the host (seen on shared VMs:
+    # 2x for minutes). The cached figures stay: they describe the machine at its best.
+    return None
 
 
 def _no_measure_hardware() -> Hardware:

@@ -52,6 +52,8 @@ def _prefill_us(p: ModuleProfile, e: PlanEntry, cm: CostModel, rows: int, after:
     """One prompt of `rows` tokens (all sequences) through one module."""
     if p.kind == "linear":
         kernel, quant = (e.kernel, e.quant) if after and e.action != "keep" else ("torch", None)
+        if p.role == "lm_head":
+            rows = cm.batch  # generate() asks for the last position's logits only (logits_to_keep=1)
         return cm.linear_us(p, kernel, quant, quant_bytes(p, quant), rows=rows)
     elementwise = rows * hidden * 4 * 8 / (cm.costs.read_gbs * 1e3)  # a few passes over the activations
     if p.kind == "norm":
@@ -61,7 +63,7 @@ def _prefill_us(p: ModuleProfile, e: PlanEntry, cm: CostModel, rows: int, after:
         fp = cm.linear_cost("torch", None, "bfloat16" if cm.device == "cuda" else "float32")
         per_seq = rows / cm.batch
         flops = 2.0 * cm.batch * per_seq * per_seq * hidden  # QK^T and PV, causal half
-        return cm.block_us(style) + flops / (fp.gemm_gflops * 1e3) + 4 * elementwise
+        return cm.block_us(style) + flops / (fp.throughput(per_seq) * 1e3) + 4 * elementwise
     return 0.0
 
 

@@ -132,7 +132,7 @@ def sparse_linear_us(p: ModuleProfile, cm: CostModel) -> float:
     bandwidth = c.bandwidth(params) * min(1.0, SPARSE_SMALL_M_BW + (1 - SPARSE_SMALL_M_BW) * rows / SPARSE_FULL_M)
     call = c.call_us + cm.add_us()
     t_mem = call + SPARSE_BYTES * quant_bytes(p, None) / (bandwidth * 1e3)
-    t_math = call + 2.0 * rows * params / (c.gemm_gflops * 1e3) / SPARSE_MATH_GAIN
+    t_math = call + 2.0 * rows * params / (c.throughput(rows) * 1e3) / SPARSE_MATH_GAIN
     return max(t_mem, t_math)
 
 

@@ -18,7 +18,8 @@ The three are timed once per machine on a 128-token prompt through a weight that
 last-level cache and through one that does not (which wins differs: a bf16 copy of a large
 weight spills the cache), interleaved, the fastest round of each kept so a busy core slows
 every candidate alike; a more accurate one is kept if it is at most 10% slower. Each layer
-uses the winner for the nearer size; the choice is cached under ``$HETERO_LLM_CACHE/machine/``.
+uses the winner for the nearer size; the choice is cached under ``$HETERO_LLM_CACHE/machine/``
+(timed again by the next process when other processes kept our cores busy meanwhile).
 ``HETERO_LLM_CPU_PREFILL=int8x2|bf16|fp32`` forces one.
 """
 from __future__ import annotations
@@ -34,6 +35,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from .._cpu_load import BUSY_CORES, OtherLoad
 from .._files import cache_dir, write_text_atomically
 from .._version import __version__
 
@@ -188,10 +190,12 @@ def chosen() -> dict[str, str]:
     """{"small": strategy, "large": strategy}: measured once per machine, then read from the cache."""
     path = _cache_path()
     try:
-        saved = json.loads(path.read_text())["strategy"]
-        if set(saved) == set(TIMING_SHAPES) and all(v in available() for v in saved.values()):
+        data = json.loads(path.read_text())
+        saved = data["strategy"]
+        busy = (data.get("others_cores") or 0.0) >= BUSY_CORES  # timed busy: timed again (~1 s)
+        if not busy and set(saved) == set(TIMING_SHAPES) and all(v in available() for v in saved.values()):
             return saved
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         pass
     return remeasure()[0]
 
@@ -200,10 +204,12 @@ def remeasure() -> tuple[dict[str, str], dict[str, dict[str, float]]]:
     """(choice, milliseconds per size and strategy), measured now and cached for later processes
     (`hetero-llm inspect --measure`; this process keeps what its layers already use)."""
     path = _cache_path()
-    timings = {size: measure(shape) for size, shape in TIMING_SHAPES.items()}
+    with OtherLoad() as load:
+        timings = {size: measure(shape) for size, shape in TIMING_SHAPES.items()}
     picked = {size: pick(t) for size, t in timings.items()}
     try:
-        write_text_atomically(path, json.dumps({"strategy": picked, "ms": timings, "shapes": TIMING_SHAPES}))
+        write_text_atomically(path, json.dumps({"strategy": picked, "ms": timings, "shapes": TIMING_SHAPES,
+                                                "others_cores": load.cores}))
     except OSError:
         pass  # a read-only home: measured again next process
     return picked, timings
