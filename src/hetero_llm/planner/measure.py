@@ -100,6 +100,7 @@ class DeviceCosts:
     norm_us: dict[str, float] = field(default_factory=dict)  # one norm call, by kernel
     transfer_gbs: float = 0.0  # host <-> device copies (GPUs), pinned memory
     transfer_us: float = 0.0  # latency of one host <-> device copy
+    attention_gflops: float = 0.0  # causal SDPA over a prompt (0: not measured; GEMM throughput)
     probe_us: float = 0.0  # the reference workload (probe_us()) when these were measured
     others_cores: float | None = None  # cores other processes used meanwhile (None: unknown)
     version: int = COSTS_VERSION
@@ -360,6 +361,19 @@ def _norm_costs() -> dict[str, float]:
     return {k: round(v, 3) for k, v in out.items()}
 
 
+def _attention_gflops() -> float:
+    """Causal SDPA over a 512-token prompt (9 query / 3 KV heads of 64, SmolLM2's shape), in
+    GFLOP/s of its two matmuls: softmax and masking make it ~3x slower per FLOP than a GEMM."""
+    import torch.nn.functional as F
+    gen = torch.Generator().manual_seed(2)
+    q = torch.randn(1, 9, 512, 64, generator=gen)
+    k, v = (torch.randn(1, 3, 512, 64, generator=gen) for _ in range(2))
+    with torch.inference_mode():
+        t = time_us(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),
+                    budget_s=0.15)
+    return round(2.0 * 512 * 512 * 9 * 64 / t / 1e3, 3)  # QK^T and PV over the causal half
+
+
 def _read_gbs(device: torch.device) -> float:
     """Plain memory-read bandwidth: summing an array 8x the cache pool."""
     big = torch.ones(STREAM_POOL_BYTES * 2, dtype=torch.float32, device=device)
@@ -391,12 +405,13 @@ def measure_cpu() -> DeviceCosts:
             linears[name] = _measure_linear(build, slow=name.startswith("torch-w8a8"))
         norm_us = _norm_costs()
         step_us, block_us = _block_costs(linears, norm_us)
+        attention = _attention_gflops()
         probe = min(probe, probe_us())
     if load.busy:
         print(f"hetero_llm: other processes used {load.cores:.1f} cores while this CPU was measured; "
               "the figures are kept for now and measured again once the machine is quiet", file=sys.stderr)
     return DeviceCosts("cpu", "measured", round(read_gbs, 3), round(op_us, 3), linears, step_us, block_us, norm_us,
-                       probe_us=round(probe, 3), others_cores=load.cores)
+                       attention_gflops=attention, probe_us=round(probe, 3), others_cores=load.cores)
 
 
 # ----------------------------------------------------------------------------- cache

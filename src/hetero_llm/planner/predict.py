@@ -63,7 +63,8 @@ def _prefill_us(p: ModuleProfile, e: PlanEntry, cm: CostModel, rows: int, after:
         fp = cm.linear_cost("torch", None, "bfloat16" if cm.device == "cuda" else "float32")
         per_seq = rows / cm.batch
         flops = 2.0 * cm.batch * per_seq * per_seq * hidden  # QK^T and PV, causal half
-        return cm.block_us(style) + flops / (fp.throughput(per_seq) * 1e3) + 4 * elementwise
+        gflops = cm.costs.attention_gflops or fp.throughput(per_seq)  # measured SDPA, else its GEMMs'
+        return cm.block_us(style) + flops / (gflops * 1e3) + 4 * elementwise
     return 0.0
 
 
