@@ -22,6 +22,7 @@ slower while nothing of ours is busy keeps its figures: they describe it at its 
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -41,8 +42,11 @@ from .._version import __version__
 from ..hardware import Hardware
 
 COSTS_VERSION = 3  # 2: INT8 prefill GEMM chosen per CPU (quant/cpu_prefill.py); 3: fastest batch, probe
-# Weights cycled through to time streaming: 2x a 32 MiB last-level cache, so no call hits it.
-STREAM_POOL_BYTES = 64 * 2**20
+# Weights cycled through to time streaming: 8x a 32 MiB last-level cache. With 2x, calls still
+# hit it (AMD's L3 keeps victims): 40 GB/s measured where a 1B model's decode streams at 30.
+STREAM_POOL_BYTES = 256 * 2**20
+SLOW_STREAM_GBS = 4.0
+READ_BYTES = 512 * 2**20  # plain read bandwidth: summing this much
 SMALL_SHAPE = (256, 256)  # (out, in): in cache, so its time is the kernel's fixed cost per call
 # Streaming is timed at two sizes: kernels that dequantize into temporaries slow down once those
 # leave the cache, so bandwidth is interpolated in log(parameters) between the two.
@@ -204,10 +208,16 @@ def _stream_gbs(build: Callable[[torch.Tensor], nn.Module], shape: tuple[int, in
     gen = torch.Generator().manual_seed(1)
     first = build(torch.randn(*shape, generator=gen) * 0.05).to(device)
     per = _weight_bytes(first)
-    # A reference kernel that computes in fp64 is too slow to stream a whole pool.
-    count = 2 if slow else max(2, -(-STREAM_POOL_BYTES // per))
-    pool = [first] + [build(torch.randn(*shape, generator=gen) * 0.05).to(device) for _ in range(count - 1)]
     x = torch.randn(1, shape[1], dtype=dtype, device=device)
+    with torch.inference_mode():
+        once = time_us(lambda: first(x), min_repeats=3, budget_s=0.0)
+    # Fast kernels stream a pool of STREAM_POOL_BYTES; ones slower than SLOW_STREAM_GBS (which
+    # dequantize into temporaries) a quarter of it, so timing them stays short. A reference
+    # kernel that computes in fp64 is too slow to stream a pool at all.
+    pool_bytes = STREAM_POOL_BYTES if per / once / 1e3 >= SLOW_STREAM_GBS else STREAM_POOL_BYTES // 4
+    count = 2 if slow else max(2, -(-pool_bytes // per))
+    # Copies of one weight: the same speed as distinct random ones, at the cost of a memcpy.
+    pool = [first] + [copy.deepcopy(first) for _ in range(count - 1)]
 
     def stream():
         for m in pool:
@@ -375,8 +385,8 @@ def _attention_gflops() -> float:
 
 
 def _read_gbs(device: torch.device) -> float:
-    """Plain memory-read bandwidth: summing an array 8x the cache pool."""
-    big = torch.ones(STREAM_POOL_BYTES * 2, dtype=torch.float32, device=device)
+    """Plain memory-read bandwidth: summing READ_BYTES (16x a 32 MiB last-level cache)."""
+    big = torch.ones(READ_BYTES // 4, dtype=torch.float32, device=device)
     with torch.inference_mode():
         return big.numel() * 4 / time_us(_synced(lambda: big.sum(), device), budget_s=0.1, min_repeats=3) / 1e3
 
