@@ -60,7 +60,7 @@ BENCH = ["--repeats", "1", "--new-tokens", "8", "--prompt-len", "64", "--ppl-tok
 SIZE_FLAGS = {
     ("hetero-llm", "bench"): BENCH,
     ("bash", "scripts/demo.sh"): BENCH,  # passes its arguments to `hetero-llm bench`
-    ("hetero-llm", "check-predictions"): ["--repeats", "1", "--new-tokens", "4", "--quiet"],
+    ("hetero-llm", "check-predictions"): ["--repeats", "1", "--new-tokens", "4", "--prompt-len", "32", "--quiet"],
     ("hetero-llm", "eval"): ["--max-tokens", "256", "--quiet"],  # 128 agreement tokens: the verdict's bar
     ("python", "benchmarks/cpu_prune.py"): ["--repeats", "1", "--tokens", "4", "--calibration", "2",
                                             "--seq-len", "64", "--ppl-tokens", "256"],
