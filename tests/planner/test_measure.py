@@ -151,3 +151,16 @@ def test_bandwidth_is_interpolated_by_weight_size():
     assert c.bandwidth(small / 4) == 10.0 and c.bandwidth(large * 4) == 40.0
     assert 10.0 < c.bandwidth(2 * small) < 40.0
     assert c.decode_us(1e6, small) == pytest.approx(10.0 + 1e6 / 10e3)
+
+
+def test_a_plan_made_from_busy_figures_says_so(counted):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from hetero_llm import plan
+    calls, tmp_path = counted
+    cache_with(tmp_path, others_cores=1.0, probe_us=0.0)
+    measure._CHECKED.add(str(next((tmp_path / "machine").glob("cpu-*.json"))))  # no re-check here
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=2)).eval()
+    notes = plan(model, hardware=inspect_hardware(), quantize="int8").notes
+    assert any("other processes used 1.0 cores" in n for n in notes) and not calls

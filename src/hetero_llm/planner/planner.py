@@ -5,6 +5,7 @@ from dataclasses import replace
 
 from torch import nn
 
+from .._cpu_load import BUSY_CORES
 from ..config import Options, PruneConfig
 from ..errors import HardwareError
 from ..hardware import Hardware
@@ -260,6 +261,10 @@ def make_plan(model: nn.Module, hardware: Hardware, options: Options, *, strict:
     dtype = next((p.dtype for p in profiles if p.kind == "linear"), "float32")
     kv_bytes, hidden = _kv_bytes_per_token(model, DTYPE_BYTES.get(dtype, 4))
     notes = []
+    others = cm.costs.others_cores
+    if others is not None and others >= BUSY_CORES:
+        notes.append(f"costs: measured while other processes used {others:.1f} cores of this CPU, so the "
+                     "predictions are pessimistic; they are measured again once the machine is quiet")
     if spec is None:
         notes.append(f"model_type {model_type_of(model)!r} has no role table: Linear layers are "
                      "handled generically, everything else is left untouched")
