@@ -40,6 +40,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -50,7 +51,7 @@ from hetero_llm._files import cache_dir
 from hetero_llm.evaluate import load_model
 from hetero_llm.evaluate.models import smollm2_dir
 from hetero_llm.evaluate.perplexity import default_text, perplexity
-from hetero_llm.evaluate.timing import chat_prompt_ids, measure_decode, measure_prefill, prompt_ids
+from hetero_llm.evaluate.timing import chat_prompt_ids, measure_decode, measure_prefill, prompt_ids, weight_bytes
 from hetero_llm.hardware import inspect_hardware
 
 OPENVINO_SCRIPT = r"""
@@ -152,6 +153,35 @@ def openvino(python: str, gguf: Path, prompt_len: int, new_tokens: int, threads:
     return json.loads(out.strip().splitlines()[-1])
 
 
+READ_BYTES = 2**30  # the memory-read reference: summing 1 GiB (no cache holds it)
+
+
+def read_gbs() -> dict:
+    """Plain DRAM read bandwidth now (torch.sum over 1 GiB on all threads; best of 3): measured in
+    every round, since on a shared machine it changes with the neighbours (seen: 30 to 60 GB/s)."""
+    data = torch.ones(READ_BYTES // 4)
+    data.sum()
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        data.sum()
+        best = min(best, time.perf_counter() - start)
+    return {"read_gbs": READ_BYTES / best / 1e9}
+
+
+def streamed_bytes(model) -> int:
+    """Weight bytes one decode step reads: all of them but the input embedding's table (one row
+    is read), unless the head shares it."""
+    embed = model.get_input_embeddings()
+    head = model.get_output_embeddings()
+    def storages(m):
+        return {t.untyped_storage().data_ptr() for t in list(m.parameters()) + list(m.buffers())}
+    # Tied: the head reads the whole table (hetero_llm's INT8 head holds the embedding, not its tensors).
+    shared = bool(getattr(model.config, "tie_word_embeddings", False)) or (
+        head is not None and bool(storages(embed) & storages(head)))
+    return weight_bytes(model) - (0 if shared else weight_bytes(embed))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--llama-cpp", type=Path, help="llama.cpp source tree with build/bin (skipped if not given)")
@@ -199,10 +229,13 @@ def main() -> None:
         systems[name]()  # warm-up: lazy initialisation, kernel builds, allocator growth
     runs: dict[str, list[dict]] = {name: [] for name in systems}
     names = list(systems)
+    reads: list[dict] = []
     for r in range(args.repeats):
         for name in names[r % len(names):] + names[:r % len(names)]:
             runs[name].append(systems[name]())
             print(f"round {r + 1}: {name}: {runs[name][-1]}", flush=True)
+        reads.append(read_gbs())
+        print(f"round {r + 1}: memory read {reads[-1]['read_gbs']:.1f} GB/s", flush=True)
 
     table = {name: {k: statistics.median(x[k] for x in rs) for k in rs[0]} for name, rs in runs.items()}
     ppl = {}
@@ -221,6 +254,7 @@ def main() -> None:
                                                                "HETERO_LLM_CPU_ISA")},
         "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "repeats": args.repeats,
         "median": table, "runs": runs, "perplexity": ppl,
+        "memory_read_gbs": [x["read_gbs"] for x in reads], "hetero_llm_bytes_per_token": streamed_bytes(accelerated),
         "decode_mode": accelerated.hetero_plan.model_settings.get("decode"),
     }
     print(f"\n{args.model} on {hw.cpu.model} ({', '.join(hw.cpu.isa)}), {threads} threads; "
@@ -239,6 +273,13 @@ def main() -> None:
         print("\nllama.cpp not timed (no --llama-cpp); see this script's docstring to build it")
     print(f"hetero_llm vs the original: decode {ours['decode_tok_s'] / ref['decode_tok_s']:.2f}x, "
           f"prefill {ours['prefill_tok_s'] / ref['prefill_tok_s']:.2f}x")
+    per_token = streamed_bytes(accelerated)
+    streams = [per_token * run["decode_tok_s"] / 1e9 for run in runs["hetero_llm INT8"]]
+    fractions = [a / b["read_gbs"] for a, b in zip(streams, reads)]
+    read_list = ", ".join(f"{x['read_gbs']:.1f}" for x in reads)
+    print(f"hetero_llm decode streams {per_token / 1e6:.0f} MB of weights per token: "
+          f"{statistics.median(streams):.1f} GB/s, {100 * statistics.median(fractions):.0f}% of the memory read "
+          f"bandwidth measured in the same rounds (torch.sum over 1 GiB: {read_list} GB/s)")
     if ppl:
         print("perplexity:", ", ".join(f"{k} {v:.3f}" if v else f"{k} -" for k, v in ppl.items()))
     if args.out:
