@@ -11,7 +11,6 @@ loop, which still decodes with the session's step; `greedy_problem` names the se
 """
 from __future__ import annotations
 
-import copy
 
 import torch
 from torch import nn
@@ -39,13 +38,6 @@ NEUTRAL = {
 }
 # generate() keyword arguments besides the settings that this loop takes.
 TAKEN_KWARGS = frozenset({"input_ids", "attention_mask", "streamer", "tokenizer"})
-
-
-def greedy_settings(model: nn.Module, generation_config, kwargs: dict):
-    """The call's generation config (model's, updated by the call's keyword arguments)."""
-    config = copy.deepcopy(generation_config if generation_config is not None else model.generation_config)
-    config.update(**{k: v for k, v in kwargs.items() if hasattr(config, k)})
-    return config
 
 
 def greedy_problem(config, kwargs: dict, prompt_length: int) -> str | None:

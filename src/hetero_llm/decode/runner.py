@@ -237,7 +237,8 @@ def _decode_generate(self, inputs=None, generation_config=None, *args, **kwargs)
         runner.note_fallback("arguments after generation_config given by position")
         return plain(self, inputs, generation_config, *args, **kwargs)
     input_ids = inputs if inputs is not None else kwargs.get("input_ids")
-    why, length = why_not_session(self, input_ids, generation_config, kwargs)
+    config = call_settings(self, generation_config, kwargs)
+    why, length = why_not_session(self, input_ids, config, kwargs)
     if why is None and runner.mode == "native":
         why = native_now_problem(self, input_ids.shape[0])
     if why:
@@ -245,9 +246,8 @@ def _decode_generate(self, inputs=None, generation_config=None, *args, **kwargs)
         return plain(self, inputs, generation_config=generation_config, **kwargs)
     loop_problem = None
     if runner.mode == "native":  # the CPU step is fast enough that transformers' loop shows: skip it
-        from .greedy import greedy_problem, greedy_settings
+        from .greedy import greedy_problem
 
-        config = greedy_settings(self, generation_config, kwargs)
         loop_problem = greedy_problem(config, kwargs, input_ids.shape[1])
         runner.note_loop(loop_problem)
     session = runner.checkout(input_ids.shape[0], length)
@@ -274,15 +274,22 @@ def _decode_generate(self, inputs=None, generation_config=None, *args, **kwargs)
         runner.release(session, keep)
 
 
-def why_not_session(model: nn.Module, input_ids, generation_config, kwargs: dict) -> tuple[str | None, int]:
-    """(reason this generate() call goes to transformers unchanged, or None; cache length it needs)."""
+def call_settings(model: nn.Module, generation_config, kwargs: dict):
+    """The call's generation config: the one given (else the model's), updated by the call's
+    keyword arguments, as transformers' generate() reads them. A copy: the caller's is kept."""
+    config = copy.deepcopy(generation_config if generation_config is not None else model.generation_config)
+    config.update(**{k: v for k, v in kwargs.items() if hasattr(config, k)})
+    return config
+
+
+def why_not_session(model: nn.Module, input_ids, config, kwargs: dict) -> tuple[str | None, int]:
+    """(reason this generate() call goes to transformers unchanged, or None; cache length it needs).
+    `config`: the call's settings (call_settings)."""
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.long:
         return "inputs are not a (batch, length) tensor of token ids", 0
     for name in (*hf.CACHE_ARGUMENTS, "inputs_embeds", "assistant_model", "prompt_lookup_num_tokens"):
         if kwargs.get(name) is not None:
             return f"{name} given", 0
-    config = copy.deepcopy(generation_config if generation_config is not None else model.generation_config)
-    config.update(**{k: v for k, v in kwargs.items() if hasattr(config, k)})
     if (config.num_beams or 1) != 1 or (config.num_return_sequences or 1) != 1:
         return "beam search or several sequences per prompt", 0
     if config.cache_implementation is not None or config.use_cache is False:

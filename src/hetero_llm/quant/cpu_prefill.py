@@ -123,6 +123,7 @@ def available() -> tuple[str, ...]:
     return tuple(s for s in STRATEGIES if s != "int8x2" or int_mm_available())
 
 
+@functools.lru_cache(maxsize=1)
 def _cpu_name() -> str:
     try:
         with open("/proc/cpuinfo") as f:
