@@ -169,3 +169,59 @@ def test_a_more_accurate_strategy_wins_a_near_tie():
     assert cpu_prefill.pick({"int8x2": 1.2, "bf16": 1.0, "fp32": 3.0}) == "bf16"
     assert cpu_prefill.pick({"int8x2": 2.0, "bf16": 4.0, "fp32": 2.1}) == "fp32"
     assert cpu_prefill.pick({"bf16": 4.0, "fp32": 2.1}) == "fp32"
+
+
+# ----------------------------------------------------------------------------- fused epilogues
+
+
+def unbiased(scheme: str, k: int, n: int = 320) -> Int8Linear:
+    """Decoder layers' o/down/gate_up projections have no bias (a biased one runs the plain ops)."""
+    torch.manual_seed(0)
+    return Int8Linear.from_linear(nn.Linear(k, n, bias=False), scheme, backend="cpu-int8pack")
+
+
+@pytest.mark.parametrize("n", [320, 330])  # 330: a tail past the 16-lane loop
+def test_the_fused_epilogues_equal_the_separate_ops(monkeypatch, n):
+    native_or_skip()
+    monkeypatch.setenv(cpu_prefill.ENV, "int8x2")
+    m = unbiased("int8", k=576, n=n)
+    x, residual = torch.randn(40, 576), torch.randn(40, n)
+    plain = cpu_prefill.int8x2_matmul(x, m)
+    added = cpu_prefill.fused_prefill_matmul(x, m, "add", residual)
+    assert (added - (plain + residual)).abs().max() <= 1e-6 * (plain + residual).abs().max()
+    gate, up = plain.split(n // 2, dim=1)
+    glu = cpu_prefill.fused_prefill_matmul(x, m, "silu_glu")
+    want = torch.nn.functional.silu(gate) * up
+    assert glu.shape == (40, n // 2) and (glu - want).abs().max() <= 1e-5 * want.abs().max()
+
+
+def test_the_fused_epilogue_is_declined_where_its_gemm_is_not_used(monkeypatch):
+    native_or_skip()
+    monkeypatch.setenv(cpu_prefill.ENV, "int8x2")
+    m = unbiased("int8", k=576)
+    prompt, residual = torch.randn(2, 20, 576), torch.randn(2, 20, 320)
+    assert m.forward_fused(prompt, "add", residual).shape == (2, 20, 320)
+    assert m.forward_fused(prompt[:, :4], "add", residual[:, :4]) is None  # decode rows: the GEMV
+    assert m.forward_fused(prompt.bfloat16(), "add", residual) is None  # would round differently
+    assert unbiased("int8-asym", k=576).forward_fused(prompt, "add", residual) is None  # zero points
+    assert layer("int8", k=576).forward_fused(prompt, "add", residual) is None  # a bias
+    monkeypatch.setenv(cpu_prefill.ENV, "fp32")
+    assert m.forward_fused(prompt, "add", residual) is None  # another GEMM: nothing to fuse into
+    with pytest.raises(ValueError):
+        cpu_prefill.fused_prefill_matmul(prompt[0], m, "gelu")
+
+
+def test_a_gated_mlp_and_a_residual_projection_give_the_same_prompt_output(monkeypatch):
+    from hetero_llm.kernels.dispatch import project_add
+    from hetero_llm.kernels.modules import GatedMLP
+    native_or_skip()
+    monkeypatch.setenv(cpu_prefill.ENV, "int8x2")
+    mlp = GatedMLP(unbiased("int8", k=576, n=2 * 320), unbiased("int8", k=320, n=576), nn.SiLU(), 320)
+    x, residual = torch.randn(1, 30, 576), torch.randn(1, 30, 576)
+    h = x[..., :320].contiguous()
+    with torch.inference_mode():
+        fused, fused_add = mlp(x, residual), project_add("torch", mlp.down_proj, h, residual)
+        monkeypatch.setattr(Int8Linear, "forward_fused", lambda self, *a: None)
+        separate, separate_add = mlp(x, residual), project_add("torch", mlp.down_proj, h, residual)
+    assert (fused - separate).abs().max() <= 1e-5 * separate.abs().max()
+    assert (fused_add - separate_add).abs().max() <= 1e-6 * separate_add.abs().max()

@@ -17,15 +17,18 @@ compiler or ninja, with HETERO_LLM_NO_CPP_KERNELS=1, or with HETERO_LLM_CPU_ISA=
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import os
 import platform
 import shutil
+from pathlib import Path
 
 import torch
 
 log = logging.getLogger("hetero_llm")
 
+_HEADER = Path(__file__).with_name("cpu_vector.h")  # shared with cpu_decode.cpp
 MAX_ROWS = 4  # rows per call the kernel takes; more go to the GEMM paths
 K_MULTIPLE = 64  # one VNNI register of int8 per step
 
@@ -181,6 +184,80 @@ torch::Tensor combine_levels(torch::Tensor acc, torch::Tensor s1, torch::Tensor 
   });
   return y;
 }
+
+// combine_levels fused with what follows a prompt's matmul in a decoder layer, so its (M, N) output
+// is written once and no further pass runs over it: + addend (o_proj and down_proj adding the
+// residual), or, for gate_up's [gate | up] output, silu(gate) * up (M, N / 2).
+static inline __m512 combined(const int32_t* a1, const int32_t* a2, int64_t n, __m512 sm, const float* scp) {
+  const __m512 v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_loadu_si512(a2 + n)), _mm512_set1_ps(1.f / 254.f),
+                                   _mm512_cvtepi32_ps(_mm512_loadu_si512(a1 + n)));
+  return _mm512_mul_ps(_mm512_mul_ps(v, sm), _mm512_loadu_ps(scp + n));
+}
+
+static inline float combined1(const int32_t* a1, const int32_t* a2, int64_t n, float sm, const float* scp) {
+  return (static_cast<float>(a1[n]) + static_cast<float>(a2[n]) * (1.f / 254.f)) * sm * scp[n];
+}
+
+torch::Tensor combine_levels_add(torch::Tensor acc, torch::Tensor s1, torch::Tensor scale, torch::Tensor addend) {
+  TORCH_CHECK(acc.dim() == 2 && acc.size(0) % 2 == 0 && acc.scalar_type() == torch::kInt32, "acc: (2M, N) int32");
+  auto a = acc.contiguous();
+  const int64_t M = a.size(0) / 2, N = a.size(1);
+  auto s = s1.to(torch::kFloat32).contiguous();
+  auto sc = scale.to(torch::kFloat32).contiguous();
+  auto r = addend.to(torch::kFloat32).contiguous();
+  TORCH_CHECK(s.numel() == M && sc.numel() == N && r.numel() == M * N, "s1: M, scale: N, addend: M x N values");
+  auto y = torch::empty({M, N}, torch::kFloat32);
+  const int32_t* ap = a.data_ptr<int32_t>();
+  const float *spp = s.data_ptr<float>(), *scp = sc.data_ptr<float>(), *rp = r.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const int64_t N16 = N - N % 16;
+  at::parallel_for(0, M, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m) {
+      const int32_t *a1 = ap + m * N, *a2 = ap + (M + m) * N;
+      const float* add = rp + m * N;
+      float* out = yp + m * N;
+      const __m512 sm = _mm512_set1_ps(spp[m]);
+      for (int64_t n = 0; n < N16; n += 16)
+        _mm512_storeu_ps(out + n, _mm512_add_ps(combined(a1, a2, n, sm, scp), _mm512_loadu_ps(add + n)));
+      for (int64_t n = N16; n < N; ++n) out[n] = combined1(a1, a2, n, spp[m], scp) + add[n];
+    }
+  });
+  return y;
+}
+
+torch::Tensor combine_levels_silu_glu(torch::Tensor acc, torch::Tensor s1, torch::Tensor scale) {
+  TORCH_CHECK(acc.dim() == 2 && acc.size(0) % 2 == 0 && acc.size(1) % 2 == 0 && acc.scalar_type() == torch::kInt32,
+              "acc: (2M, 2I) int32");
+  auto a = acc.contiguous();
+  const int64_t M = a.size(0) / 2, N = a.size(1), I = N / 2;
+  auto s = s1.to(torch::kFloat32).contiguous();
+  auto sc = scale.to(torch::kFloat32).contiguous();
+  TORCH_CHECK(s.numel() == M && sc.numel() == N, "s1: M values, scale: 2I values");
+  auto y = torch::empty({M, I}, torch::kFloat32);
+  const int32_t* ap = a.data_ptr<int32_t>();
+  const float *spp = s.data_ptr<float>(), *scp = sc.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const int64_t I16 = I - I % 16;
+  using namespace hetero_llm_vec;
+  at::parallel_for(0, M, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m) {
+      const int32_t *a1 = ap + m * N, *a2 = ap + (M + m) * N;
+      float* out = yp + m * I;
+      const __m512 sm = _mm512_set1_ps(spp[m]);
+      for (int64_t i = 0; i < I16; i += 16) {
+        const __m512 g = combined(a1, a2, i, sm, scp);
+        const __m512 sig = _mm512_div_ps(_mm512_set1_ps(1.f), _mm512_add_ps(_mm512_set1_ps(1.f),
+                                                                          vexp(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+        _mm512_storeu_ps(out + i, _mm512_mul_ps(_mm512_mul_ps(g, sig), combined(a1, a2, I + i, sm, scp)));
+      }
+      for (int64_t i = I16; i < I; ++i) {
+        const float g = combined1(a1, a2, i, spp[m], scp);
+        out[i] = g / (1.f + expf_fast(-g)) * combined1(a1, a2, I + i, spp[m], scp);
+      }
+    }
+  });
+  return y;
+}
 """
 
 
@@ -219,8 +296,13 @@ def vnni_kernel():
     try:
         from torch.utils.cpp_extension import load_inline
         log.warning("hetero_llm: compiling the AVX-512 VNNI INT8 kernel (once; cached by torch)...")
-        module = load_inline("hetero_llm_vnni_v3", cpp_sources=[_SOURCE],
-                             functions=["a16w8_gemv", "split_levels", "combine_levels"],
+        # The fp32 vector helpers (vexp) come first; the name carries a digest of both, since
+        # torch rebuilds an inline module only when its name changes.
+        source = _HEADER.read_text() + _SOURCE
+        digest = hashlib.sha256(source.encode()).hexdigest()[:10]
+        module = load_inline(f"hetero_llm_vnni_{digest}", cpp_sources=[source],
+                             functions=["a16w8_gemv", "split_levels", "combine_levels", "combine_levels_add",
+                                        "combine_levels_silu_glu"],
                              extra_cflags=["-O3", "-mavx512f", "-mavx512bw", "-mavx512vnni", "-fopenmp"],
                              extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as exc:  # noqa: BLE001 - no compiler, failed build: use torch's kernels
@@ -242,7 +324,13 @@ def _self_test(module) -> bool:
     q, s1 = module.split_levels(x)
     acc = (q.long() @ w.long().T).int()
     got = module.combine_levels(acc, s1, s)
-    return bool((got - want).abs().max() <= 1e-3 * want.abs().max())
+    if not bool((got - want).abs().max() <= 1e-3 * want.abs().max()):
+        return False
+    added = module.combine_levels_add(acc, s1, s, torch.ones_like(want))
+    gate, up = want.split(20, dim=1)
+    glu = module.combine_levels_silu_glu(acc, s1, s)
+    return (bool((added - want - 1).abs().max() <= 1e-3 * want.abs().max() + 1e-6)
+            and bool((glu - torch.nn.functional.silu(gate) * up).abs().max() <= 1e-3 * (gate * up).abs().max()))
 
 
 def a16w8_gemv_ref(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

@@ -87,6 +87,11 @@ def project_add(backend: str, linear: nn.Module, x: torch.Tensor, residual: torc
     """linear(x) + residual, with the add in the matmul's epilogue where the backend can."""
     if residual is None:
         return linear(x)
+    fused = getattr(linear, "forward_fused", None)  # an INT8 layer's prompt GEMM on the CPU
+    if fused is not None and not use_triton(backend, x):
+        y = fused(x, "add", residual)
+        if y is not None:
+            return y
     if fuses_residual(backend, linear) and use_triton(backend, x):
         from .linear_add import linear_add_triton
         return linear_add_triton(x, linear.weight, linear.bias, residual)

@@ -156,10 +156,17 @@ class GatedMLP(nn.Module):
         self.gate_up, self.down_proj, self.act_fn = gate_up, down, act
         self.intermediate = intermediate
         self.backend = backend
+        from .cpu_decode import activation_code
+        self._silu = activation_code(act) == 0  # the fused prompt epilogue computes SiLU only
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        gate, up = self.gate_up(x).split(self.intermediate, dim=-1)
-        return project_add(self.backend, self.down_proj, self.act_fn(gate) * up, residual)
+        hidden = None
+        if self._silu and hasattr(self.gate_up, "forward_fused"):  # an INT8 prompt GEMM on the CPU
+            hidden = self.gate_up.forward_fused(x, "silu_glu")
+        if hidden is None:
+            gate, up = self.gate_up(x).split(self.intermediate, dim=-1)
+            hidden = self.act_fn(gate) * up
+        return project_add(self.backend, self.down_proj, hidden, residual)
 
     def extra_repr(self) -> str:
         return f"intermediate={self.intermediate}, backend={self.backend}"

@@ -89,6 +89,30 @@ def int8x2_matmul(x2d: torch.Tensor, layer) -> torch.Tensor:
     return y
 
 
+EPILOGUES = ("add", "silu_glu")
+
+
+def fused_prefill_matmul(x2d: torch.Tensor, layer, epilogue: str,
+                         addend: torch.Tensor | None = None) -> torch.Tensor | None:
+    """The prompt GEMM of `layer` with what follows it in a decoder layer done in the same pass
+    over its output: "add" returns x W^T + addend (M, N), "silu_glu" silu(g) * u for the output's
+    two halves [g | u] (M, N / 2). Only the two-level int8 GEMM has such a pass (its int32 result
+    is recombined anyway); None where this layer uses another GEMM, has zero points, or the
+    compiled helpers are not built: the caller then runs the separate ops."""
+    if epilogue not in EPILOGUES:
+        raise ValueError(f"epilogue {epilogue!r}: one of {EPILOGUES}")
+    if layer.zero_point is not None or strategy(layer.qweight.numel()) != "int8x2":
+        return None
+    native = _native()
+    if native is None:
+        return None
+    q, s1 = native.split_levels(x2d)
+    acc = torch._int_mm(q, layer.qweight.t())
+    if epilogue == "add":
+        return native.combine_levels_add(acc, s1, layer.scale, addend)
+    return native.combine_levels_silu_glu(acc, s1, layer.scale)
+
+
 def _native():
     """The compiled helpers (kernels/cpu_vnni.py), or None where they are not built."""
     if os.environ.get(NATIVE_ENV, "") not in ("", "1"):

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .backends import BACKENDS, BackendSlot, usable_backend
+from .backends import BACKENDS, GEMV_MAX_ROWS, BackendSlot, usable_backend
 from .primitives import QuantizedWeight, dequantize, quantize_weight
 from .schemes import QuantSpec
 
@@ -114,6 +114,24 @@ class Int8Linear(BackendSlot, nn.Module):
         if self.bias is not None:
             y = y + self.bias
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+    def forward_fused(self, x: torch.Tensor, epilogue: str, addend: torch.Tensor | None = None):
+        """This layer on a prompt with `epilogue` done in the same pass over its output ("add":
+        + addend; "silu_glu": silu(first half) * second half, as a gated MLP's fused gate/up
+        needs), or None where its kernels have no such pass (decode rows, GPUs, a bias, zero
+        points, a GEMM other than the two-level int8 one): the caller runs the separate ops.
+        fp32 only, so that the fused result rounds as the separate ops do."""
+        rows = x.numel() // self.in_features
+        if (rows <= GEMV_MAX_ROWS or x.device.type != "cpu" or x.dtype != torch.float32 or self.bias is not None
+                or self.backend not in ("cpu-vnni", "cpu-int8pack") or self.group_size is not None):
+            return None
+        if addend is not None:
+            if addend.dtype != torch.float32 or addend.shape[-1] != self.out_features:
+                return None
+            addend = addend.reshape(-1, self.out_features)
+        from .cpu_prefill import fused_prefill_matmul
+        y = fused_prefill_matmul(x.reshape(-1, self.in_features), self, epilogue, addend)
+        return None if y is None else y.reshape(*x.shape[:-1], y.shape[-1])
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
