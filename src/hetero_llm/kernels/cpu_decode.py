@@ -22,6 +22,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ._build import clear_stale_lock
+
 from ..errors import InvalidOptionError
 from ..hardware import inspect_hardware
 
@@ -87,7 +89,9 @@ def _module(isa: str):
     log.info("hetero_llm: building the %s decode step (once per machine; cached by torch)", isa)
     # torch rebuilds when a listed source changes, not when a header does: the name carries both.
     digest = hashlib.sha256(b"".join(p.read_bytes() for p in (SOURCE, HEADER))).hexdigest()[:10]
-    module = load(name=f"hetero_llm_cpu_decode_{isa}_{digest}", sources=[str(SOURCE)],
+    name = f"hetero_llm_cpu_decode_{isa}_{digest}"
+    clear_stale_lock(name)
+    module = load(name=name, sources=[str(SOURCE)],
                   extra_cflags=["-O3", "-fopenmp", *BUILDS[isa][0]], extra_ldflags=["-fopenmp"], verbose=False)
     _build_seconds[0] += time.perf_counter() - start
     return module if _self_test(module) else None

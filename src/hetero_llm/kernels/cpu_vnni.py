@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from ._build import clear_stale_lock
+
 log = logging.getLogger("hetero_llm")
 
 _HEADER = Path(__file__).with_name("cpu_vector.h")  # shared with cpu_decode.cpp
@@ -300,6 +302,7 @@ def vnni_kernel():
         # torch rebuilds an inline module only when its name changes.
         source = _HEADER.read_text() + _SOURCE
         digest = hashlib.sha256(source.encode()).hexdigest()[:10]
+        clear_stale_lock(f"hetero_llm_vnni_{digest}")
         module = load_inline(f"hetero_llm_vnni_{digest}", cpp_sources=[source],
                              functions=["a16w8_gemv", "split_levels", "combine_levels", "combine_levels_add",
                                         "combine_levels_silu_glu"],
