@@ -9,11 +9,11 @@ transformers' own blocks and for hetero_llm's fused ones. GEMM throughput (prefi
 memory-read bandwidth complete the roofline.
 
 Results go to `$HETERO_LLM_CACHE/machine/<key>.json` (default ~/.cache/hetero_llm), keyed by
-CPU, thread count, torch and hetero_llm versions; measuring takes ~20 s once.
+CPU, thread count, torch and hetero_llm versions; measuring takes ~30 s once.
 `HETERO_LLM_MEASURE=0` skips measuring and uses table values instead.
 
-A busy machine must not leave wrong figures behind. Every timing keeps its fastest batch (a
-busy core slows batches, never speeds them); the CPU time other processes took on our cores
+A busy machine must not leave wrong figures behind. Every timing keeps the fast end of many
+short batches (a busy core slows batches, never speeds them); the CPU time other processes took on our cores
 while measuring is recorded (`_cpu_load.OtherLoad`), with a short reference workload's time
 (`probe_us`). The first time a process reads the cache, it runs the reference again: when the
 machine is quiet now and the figures were taken busy, or the reference runs more than
@@ -41,7 +41,7 @@ from .._files import cache_dir, write_text_atomically
 from .._version import __version__
 from ..hardware import Hardware
 
-COSTS_VERSION = 3  # 2: INT8 prefill GEMM chosen per CPU (quant/cpu_prefill.py); 3: fastest batch, probe
+COSTS_VERSION = 3  # 2: INT8 prefill GEMM chosen per CPU (quant/cpu_prefill.py); 3: fast end, probe, load
 # Weights cycled through to time streaming: 8x a 32 MiB last-level cache. With 2x, calls still
 # hit it (AMD's L3 keeps victims): 40 GB/s measured where a 1B model's decode streams at 30.
 STREAM_POOL_BYTES = 256 * 2**20
@@ -415,7 +415,7 @@ def probe_us() -> float:
 
 
 def measure_cpu() -> DeviceCosts:
-    """Run the CPU micro-benchmarks (~20 s on 2 cores), noting how busy other processes kept
+    """Run the CPU micro-benchmarks (~30 s on 2 cores), noting how busy other processes kept
     our cores meanwhile."""
     with OtherLoad() as load:
         probe = probe_us()
