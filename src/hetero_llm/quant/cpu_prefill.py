@@ -77,8 +77,8 @@ def int8x2_matmul(x2d: torch.Tensor, layer) -> torch.Tensor:
     m = x2d.shape[0]
     native = _native()
     if native is not None and layer.zero_point is None:  # the helpers take no zero points
-        q, s1 = native.split_levels(x2d)
-        return native.combine_levels(torch._int_mm(q, layer.qweight.t()), s1, layer.scale)
+        acc, s1 = _levels_product(native, x2d, layer)
+        return native.combine_levels(acc, s1, layer.scale)
     q, s1, q1, q2 = split_two_levels(x2d.float())
     acc = torch._int_mm(q, layer.qweight.t())  # (2M, N) int32; the transposed view is read in place
     y = acc[:m].to(torch.float32).add_(acc[m:], alpha=1.0 / LEVEL_RATIO).mul_(s1).mul_(layer.scale)
@@ -106,11 +106,17 @@ def fused_prefill_matmul(x2d: torch.Tensor, layer, epilogue: str,
     native = _native()
     if native is None:
         return None
-    q, s1 = native.split_levels(x2d)
-    acc = torch._int_mm(q, layer.qweight.t())
+    acc, s1 = _levels_product(native, x2d, layer)
     if epilogue == "add":
         return native.combine_levels_add(acc, s1, layer.scale, addend)
     return native.combine_levels_silu_glu(acc, s1, layer.scale)
+
+
+def _levels_product(native, x2d: torch.Tensor, layer) -> tuple[torch.Tensor, torch.Tensor]:
+    """(acc (2M, N) int32, s1 (M, 1)): both int8 levels of x times the int8 weight, through the
+    compiled split and torch._int_mm; the compiled combine_levels* turn them into the output."""
+    q, s1 = native.split_levels(x2d)
+    return torch._int_mm(q, layer.qweight.t()), s1
 
 
 def _native():
