@@ -53,3 +53,10 @@ def test_stored_predictions_match_the_recomputed_ones(check):
                               (check["predicted_prefill_ms"], repredict_prefill(check))):
         for label, ms in stored.items():
             assert predicted[label] == pytest.approx(ms, rel=1e-6), label
+
+
+def test_an_unknown_option_is_a_typed_error_before_anything_loads():
+    from hetero_llm.errors import InvalidOptionError
+    from hetero_llm.evaluate.predictions import check_predictions
+    with pytest.raises(InvalidOptionError, match="unknown options.*int4"):
+        check_predictions("smollm2", labels=["original", "int4"])
