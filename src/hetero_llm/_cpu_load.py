@@ -15,6 +15,9 @@ import time
 
 # Other processes using at least this many cores on ours make a measurement "busy".
 BUSY_CORES = 0.25
+# /proc/stat counts in clock ticks (10 ms): over a shorter block one tick of anyone's work reads
+# as a busy core, so the load of a block shorter than this is unknown (None).
+MIN_SECONDS = 0.1
 _STAT = "/proc/stat"
 
 
@@ -53,8 +56,8 @@ def _own_seconds() -> float:
 
 class OtherLoad:
     """Context manager: `cores` = average cores other processes used on ours during the block
-    (None where it cannot be read). Resolution is the kernel's clock tick (10 ms), so blocks
-    should last at least ~0.1 s."""
+    (None where it cannot be read, or the block lasted under MIN_SECONDS: the kernel counts in
+    10 ms ticks)."""
 
     def __init__(self) -> None:
         self.cores: float | None = None
@@ -67,7 +70,7 @@ class OtherLoad:
     def __exit__(self, *exc) -> None:
         wall0, busy0, own0 = self._start
         wall, busy, own = time.perf_counter() - wall0, _busy_seconds(self._cpus), _own_seconds() - own0
-        if busy0 is None or busy is None or wall <= 0:
+        if busy0 is None or busy is None or wall < MIN_SECONDS:
             return
         self.cores = round(max(busy - busy0 - own, 0.0) / wall, 3)
 

@@ -75,7 +75,8 @@ def _measure_again(hw) -> None:
     choice, ms = cpu_prefill.remeasure()
     for size, shape in cpu_prefill.TIMING_SHAPES.items():
         times = ", ".join(f"{s} {t:.2f} ms" for s, t in ms[size].items())
-        print(f"INT8 prompt GEMM, {shape[0]} rows x {shape[1]}x{shape[2]} weight: {times} -> {choice[size]}")
+        print(f"INT8 prompt GEMM (+add, +SiLU gate), {shape[0]} rows x {shape[1]}x{shape[2]} weight: {times} "
+              f"-> {choice[size]}")
     costs = cached_cpu_costs(hw, refresh=True)
     if costs is None:
         print("cost-model measurements are off (HETERO_LLM_MEASURE=0)")

@@ -46,6 +46,23 @@ def test_each_strategy_computes_the_dequantized_linear(strategy, scheme):
     assert (got - want).abs().max() <= BOUNDS[strategy] * want.abs().max()
 
 
+@pytest.mark.parametrize("strategy", cpu_prefill.STRATEGIES)
+def test_the_timed_step_computes_what_a_layer_computes(strategy):
+    # The choice is timed on GEMM + epilogue; a step that skipped work would win unfairly.
+    if strategy not in cpu_prefill.available():
+        pytest.skip("torch._int_mm is not exact on this CPU")
+    m = layer("int8")
+    x = torch.randn(40, m.in_features)
+    y = x @ m.dequantized_weight().T
+    residual = torch.randn_like(y)
+    added = cpu_prefill._with_epilogue(strategy, x, m, "add", residual)
+    gated = cpu_prefill._with_epilogue(strategy, x, m, "silu_glu")
+    gate, up = y.chunk(2, dim=1)
+    for got, want in ((added, y + residual), (gated, torch.nn.functional.silu(gate) * up)):
+        assert got.shape == want.shape
+        assert (got - want).abs().max() <= BOUNDS[strategy] * 4 * want.abs().max()
+
+
 def test_rows_of_zeros_and_tiny_values_stay_finite():
     m = layer("int8")
     x = torch.zeros(20, m.in_features)
