@@ -266,3 +266,18 @@ def test_rotary_attention_equals_llama_attention(kv_heads):
     want, _ = attn(x, position_embeddings=pos, attention_mask=mask)
     got, _ = ours(x, position_embeddings=pos, attention_mask=mask)
     torch.testing.assert_close(got, want, **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_apply_rotary_is_transformers_rotary_bit_for_bit(dtype):
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+    from hetero_llm.kernels.modules import apply_rotary
+    torch.manual_seed(0)
+    b, heads, s, d = 2, 5, 7, 16
+    # A strided view of a fused projection, as RotaryAttention passes it.
+    qkv = torch.randn(b, s, heads + 2, d).to(dtype).transpose(1, 2)
+    qk = qkv[:, :heads]
+    cos, sin = torch.randn(b, s, d).to(dtype), torch.randn(b, s, d).to(dtype)
+    want, _ = apply_rotary_pos_emb(qk, qk, cos, sin)
+    got = apply_rotary(qk, cos, sin)
+    assert got.dtype == dtype and torch.equal(got, want)

@@ -81,9 +81,19 @@ class ProjectionSlice(nn.Module):
         return f"part {self.index} of fused, out_features={self.out_features}"
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+def apply_rotary(qk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """qk * cos + rotate_half(qk) * sin, bit for bit, for qk (b, heads, s, d), cos/sin (b, s, d).
+
+    Written into one output with half-width products instead of transformers' five full-size
+    temporaries: on a 512-token SmolLM2 prompt that formula took ~2 ms per layer here (each fresh
+    1.5 MB temporary page-faulted: glibc returned it to the kernel) against ~0.13 ms. The same
+    roundings: (-x2) * s == -(x2 * s), so a + (-x2) * s == a - x2 * s."""
+    c, s = cos.unsqueeze(1), sin.unsqueeze(1)
+    half = qk.shape[-1] // 2
+    out = qk * c
+    out[..., :half] -= qk[..., half:] * s[..., :half]
+    out[..., half:] += qk[..., :half] * s[..., half:]
+    return out
 
 
 class RotaryAttention(nn.Module):
@@ -113,6 +123,8 @@ class RotaryAttention(nn.Module):
         self.is_causal = True
         self.backend = backend
 
+    _rotary = staticmethod(apply_rotary)
+
     def rotated_qkv(self, hidden_states: torch.Tensor, position_embeddings, cache):
         """q (b, h, s, d) and the cache's k, v (b, hk, S, d), the new k and v appended."""
         b, s, _ = hidden_states.shape
@@ -120,8 +132,7 @@ class RotaryAttention(nn.Module):
         qkv = self.qkv(hidden_states).view(b, s, h + 2 * hk, self.head_dim).transpose(1, 2)
         cos, sin = position_embeddings
         qk = qkv[:, : h + hk]
-        qk = qk * cos.unsqueeze(1) + _rotate_half(qk) * sin.unsqueeze(1)
-        q, k = qk.split([h, hk], dim=1)
+        q, k = self._rotary(qk, cos, sin).split([h, hk], dim=1)
         v = qkv[:, h + hk:]
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
