@@ -38,7 +38,7 @@ def test_a_bad_prune_value_is_a_typed_error_with_a_suggestion(config_dir, capsys
 
 
 def test_inspect_measure_redoes_the_cached_measurements(monkeypatch, tmp_path, capsys):
-    from hetero_llm.planner import measure
+    from hetero_llm import measure
     from hetero_llm.quant import cpu_prefill
 
     monkeypatch.setenv("HETERO_LLM_CACHE", str(tmp_path))

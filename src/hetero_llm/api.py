@@ -11,31 +11,16 @@ from .config import Options
 from .errors import (AlreadyAcceleratedError, ForeignQuantizationError, HardwareError, HeteroLLMWarning,
                      InvalidOptionError, MetaDeviceError, NotAModelError, PlanMismatchError)
 from .hardware import Hardware, hardware_profile, inspect_hardware
-from .decode import decode_pass
-from .kernels.apply import kernels_pass
-from .parallel.placement import attach_placement, place_pass
-from .parallel.checkpoint import load_shard
-from .parallel.shard import cut_pass, join_job, local_plan, stat_reducer, wire_pass
+from .integrations.transformers import spec_by_family
+from .measure import measured_cpu_costs
+from .parallel.shard import join_job
+from .pipeline import apply_plan
 from .planner import Plan, make_plan
 from .planner.profile import profile_model
-from .prune.apply import prune_config, prune_pass
+from .prune.apply import prune_config
 from .prune.structured import plan_shrink, pruned_view
-from .prune.semi_sparse import semi_sparse_pass
-from .quant.apply import calibrated_modules, check_quantizable, compute_dtype_pass, quantize_pass
-from .integrations.transformers import spec_by_family
-from .quant.calibrate import activation_absmax
+from .quant.apply import calibrated_modules, check_quantizable
 from .selfcheck import verify_plan
-
-# Passes in the order of the data flow: prune -> quantize -> shard -> place -> kernels.
-# prune_pass and quantize_pass run first, each with the calibration statistics it may need
-# (W8A8's are taken on the pruned model); for tp/pp > 1, cut_pass and wire_pass then shard
-# the result for this rank of the job.
-# "sparse" (2:4 weights the plan puts on sparse tensor cores) comes last: it needs the weights on
-# their GPU, and after "kernels" has concatenated q/k/v and gate/up, whose fused weight it converts.
-# "decode" binds generate() and forward() on the instance last, once every module is in place.
-PASSES = (("compute_dtype", compute_dtype_pass), ("place", place_pass), ("kernels", kernels_pass),
-          ("sparse", semi_sparse_pass), ("decode", decode_pass))
-
 
 def _check_model(model: Any) -> None:
     if not isinstance(model, nn.Module) or getattr(model, "config", None) is None:
@@ -79,7 +64,12 @@ def plan(model: nn.Module, *, hardware: Hardware | str | None = None, strict: bo
     such as "h100-80gb" or "cpu-2core", or None for this machine.
     """
     _check_model(model)
-    return make_plan(model, _resolve_hardware(hardware), Options.from_kwargs(**options), strict=strict)
+    return _make_plan(model, _resolve_hardware(hardware), Options.from_kwargs(**options), strict)
+
+
+def _make_plan(model: nn.Module, hardware: Hardware, options: Options, strict: bool) -> Plan:
+    """The planner, handed this CPU's measured costs when planning for this machine."""
+    return make_plan(model, hardware, options, strict=strict, cpu_costs=measured_cpu_costs(hardware))
 
 
 def check_plan_matches(model: nn.Module, p: Plan) -> None:
@@ -141,12 +131,6 @@ def _check_calibration_data(p: Plan, calibration_data: Any) -> None:
             "Drop calibration_data (or ask for one of those).")
 
 
-def _calibrate(model: nn.Module, p: Plan, calibration_data: Any) -> dict | None:
-    """Activation statistics for W8A8 smoothing/outliers (taken on the pruned model)."""
-    names = calibrated_modules(p)
-    return activation_absmax(model, names, calibration_data) if names else None
-
-
 def _already_accelerated(model: nn.Module, requested: Plan | None, options: dict) -> nn.Module:
     current: Plan = model.hetero_plan
     same = (requested is None and Options.from_kwargs(**options).to_dict() == current.options) \
@@ -180,19 +164,6 @@ def _prepare(model: nn.Module, checkpoint: Any) -> None:
         model.eval()
 
 
-def _apply_sharded_from_checkpoint(model: nn.Module, chosen: Plan, ctx, checkpoint: Any) -> list:
-    """Meta model: cut it to this rank's part, read exactly that from the checkpoint, then
-    quantize the slices (row-parallel scale statistics reduced over the ranks)."""
-    replaced = cut_pass(model, chosen, ctx) if ctx is not None else []
-    load_shard(model, checkpoint)
-    applied = local_plan(model, chosen) if ctx is not None else chosen
-    check_quantizable(model, applied)
-    replaced.extend(quantize_pass(model, applied, None, stat_reducer(chosen, ctx) if ctx is not None else None))
-    if ctx is not None:
-        wire_pass(model, chosen, ctx)
-    return replaced
-
-
 def accelerate(model: nn.Module, *, plan: Plan | None = None, hardware: Hardware | str | None = None,
                calibration_data: Any = None, strict: bool = True, checkpoint: Any = None,
                **options: Any) -> nn.Module:
@@ -210,8 +181,8 @@ def accelerate(model: nn.Module, *, plan: Plan | None = None, hardware: Hardware
     if plan is not None and options:
         raise InvalidOptionError("pass either plan= or options, not both: a plan already holds its options.")
     _prepare(model, checkpoint)
-    chosen = plan if plan is not None else make_plan(model, _resolve_hardware(hardware),
-                                                     Options.from_kwargs(**options), strict=strict)
+    chosen = plan if plan is not None else _make_plan(model, _resolve_hardware(hardware),
+                                                      Options.from_kwargs(**options), strict)
     ctx = None
     if chosen.parallel is not None:  # join the torchrun job before the first change; rank 0's plan wins
         ctx, chosen = join_job(chosen)
@@ -229,21 +200,7 @@ def accelerate(model: nn.Module, *, plan: Plan | None = None, hardware: Hardware
                 "calibration (W8A8 smoothing or outlier channels) runs the whole model, which a meta model "
                 "read slice by slice never is. Load the full model instead of checkpoint=, or use "
                 "QuantConfig(scheme='w8a8', smooth_alpha=0) or quantize='int8'.")
-        replaced = _apply_sharded_from_checkpoint(model, chosen, ctx, checkpoint)
     else:
         check_quantizable(model, chosen)  # fail before the first change, not halfway
         _check_calibration_data(chosen, calibration_data)
-        prune_pass(model, chosen, calibration_data, ctx)
-        act_absmax = _calibrate(model, chosen, calibration_data)
-        replaced = list(quantize_pass(model, chosen, act_absmax))
-        if ctx is not None:
-            replaced.extend(cut_pass(model, chosen, ctx))
-            wire_pass(model, chosen, ctx)
-    applied = local_plan(model, chosen) if ctx is not None else chosen
-    for _, apply_pass in PASSES:
-        replaced.extend(apply_pass(model, applied) or [])
-    model.eval()  # modules the passes created start in training mode
-    attach_placement(model)  # boundary hooks of a multi-device plan, after the kernels pass swapped modules
-    model.hetero_plan = chosen
-    model.hetero_replaced = replaced
-    return model
+    return apply_plan(model, chosen, ctx=ctx, calibration_data=calibration_data, checkpoint=checkpoint)

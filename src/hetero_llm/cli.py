@@ -70,7 +70,7 @@ def cmd_inspect(args) -> int:
 
 def _measure_again(hw) -> None:
     """Redo this CPU's cached measurements (after a busy first run, or new hardware settings)."""
-    from .planner.measure import cached_cpu_costs
+    from .measure import cached_cpu_costs
     from .quant import cpu_prefill
     choice, ms = cpu_prefill.remeasure()
     for size, shape in cpu_prefill.TIMING_SHAPES.items():

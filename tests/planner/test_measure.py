@@ -11,11 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from hetero_llm import _cpu_load
-
+from hetero_llm import _cpu_load, measure
 from hetero_llm.hardware import hardware_profile, inspect_hardware
-from hetero_llm.planner import cost, measure
-from hetero_llm.planner.measure import DeviceCosts, LinearCost
+from hetero_llm.planner import cost
+from hetero_llm.planner.device_costs import DeviceCosts, LinearCost
 
 
 def fake_costs() -> DeviceCosts:
@@ -144,13 +143,15 @@ def test_measuring_can_be_turned_off(counted, monkeypatch):
     calls, _ = counted
     monkeypatch.setenv("HETERO_LLM_MEASURE", "0")
     assert measure.cached_cpu_costs(inspect_hardware()) is None
-    assert cost.device_costs(inspect_hardware(), "cpu").source == "table" and not calls
+    hw = inspect_hardware()
+    assert cost.device_costs(hw, "cpu", measure.measured_cpu_costs(hw)).source == "table" and not calls
 
 
 def test_profiles_use_tables_and_never_measure(counted):
     calls, _ = counted
-    assert cost.device_costs(hardware_profile("cpu-8core"), "cpu").source == "table"
-    assert cost.device_costs(hardware_profile("h100-80gb"), "cuda").source == "table"
+    for name, device in (("cpu-8core", "cpu"), ("h100-80gb", "cuda")):
+        hw = hardware_profile(name)
+        assert cost.device_costs(hw, device, measure.measured_cpu_costs(hw)).source == "table"
     assert not calls
 
 

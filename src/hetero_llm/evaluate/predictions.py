@@ -108,6 +108,7 @@ def check_predictions(name: str = "smollm2", *, new_tokens: int = 32, repeats: i
     module docstring. `prefill_tokens=0` skips prompts."""
     from ..api import accelerate, plan
     from ..hardware import inspect_hardware
+    from ..measure import measured_cpu_costs
     from ..planner.cost import device_costs
     from .models import load_model
     from .perplexity import calibration_samples
@@ -120,7 +121,8 @@ def check_predictions(name: str = "smollm2", *, new_tokens: int = 32, repeats: i
     _, tokenizer = load_model(name)
     ids = chat_prompt_ids(tokenizer)
     prompt = prompt_ids(tokenizer, prefill_tokens) if prefill_tokens else None
-    costs = device_costs(inspect_hardware(), "cpu")
+    hardware = inspect_hardware()
+    costs = device_costs(hardware, "cpu", measured_cpu_costs(hardware))
     models = {}
     for label in labels:
         model = load_model(name)[0]
@@ -171,15 +173,13 @@ def repredict_prefill(check: dict) -> dict[str, float]:
 
 
 def _repredict(check: dict, predict, labels) -> dict[str, float]:
-    from unittest import mock
-
-    from ..api import plan
+    from ..config import Options
     from ..hardware import inspect_hardware
-    from ..planner import cost
-    from ..planner.measure import DeviceCosts
+    from ..planner import make_plan
+    from ..planner.device_costs import DeviceCosts
 
     costs = DeviceCosts.from_dict(check["costs"])
     model = _meta_model(check["config"])
-    with mock.patch.object(cost, "device_costs", lambda hardware, device: costs):
-        hw = inspect_hardware()
-        return {label: predict(lambda m, **kw: plan(m, hardware=hw, **kw), model, label) for label in labels}
+    hw = inspect_hardware()
+    return {label: predict(lambda m, **kw: make_plan(m, hw, Options.from_kwargs(**kw), cpu_costs=costs), model, label)
+            for label in labels}

@@ -37,11 +37,9 @@ from ..integrations.hf_adapter import cache_argument, cache_from_pairs, cache_pa
 from ..integrations.transformers import spec_for, supported_model_types
 from ..quant.w8a8 import W8A8Linear
 from . import onnx_graph
+from .onnx_format import FORMAT, FORMAT_VERSION, SIDECAR
 from .onnx_modules import QdqLinear, dequantize_int8_onnx, export_copy
 
-FORMAT = "hetero_llm_onnx"
-FORMAT_VERSION = 1
-SIDECAR = "hetero_llm_onnx.json"
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
 MIN_OPSET = 21  # DequantizeLinear's block_size (per-group scales) arrived in opset 21

@@ -10,6 +10,12 @@ import torch
 
 from ..errors import InvalidOptionError
 
+
+def positions(mask: np.ndarray) -> np.ndarray:
+    """Position ids from a 0/1 mask as transformers' generate computes them (padding -> 1)."""
+    pos = np.cumsum(mask, axis=-1) - 1
+    return np.where(mask == 0, 1, pos).astype(np.int64)
+
 # generate() options that change what is generated and are not implemented here.
 _UNSUPPORTED = {"num_beams": 1, "num_return_sequences": 1, "streamer": None, "logits_processor": None,
                 "stopping_criteria": None, "inputs_embeds": None, "past_key_values": None, "cache": None,
@@ -98,7 +104,6 @@ class _Stepper:
 def greedy(model, input_ids: torch.Tensor, *, max_new_tokens=None, min_new_tokens: int = 0,
            do_sample: bool = False, attention_mask=None, **kwargs) -> torch.Tensor:
     """Greedy tokens after `input_ids` (batch, prompt): see OnnxCausalLM.generate."""
-    from .onnx_runtime import positions
 
     _check_options(do_sample, kwargs)
     ids = input_ids.detach().cpu().numpy().astype(np.int64)

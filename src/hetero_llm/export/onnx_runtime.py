@@ -27,7 +27,8 @@ from torch import nn
 
 from ..errors import InvalidOptionError, ModelLoadError
 from ..integrations.hf_adapter import causal_lm_output, take_cache
-from .onnx import FORMAT, FORMAT_VERSION, SIDECAR
+from .onnx_format import FORMAT, FORMAT_VERSION, SIDECAR
+from .onnx_generate import greedy, positions
 from .onnx_graph import LOGITS_TO_KEEP
 
 MATMUL_MODES = ("float", "int8")
@@ -158,8 +159,6 @@ class OnnxCausalLM(nn.Module):
                  do_sample: bool = False, attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
         """Greedy decoding with the KV cache; returns (batch, prompt + new) token ids like
         transformers' generate (finished rows padded with pad_token_id)."""
-        from .onnx_generate import greedy
-
         return greedy(self, input_ids, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
                       do_sample=do_sample, attention_mask=attention_mask, **kwargs)
 
@@ -167,12 +166,6 @@ class OnnxCausalLM(nn.Module):
         q = self.meta.get("quantization", {})
         return (f"{self.directory}, layers={self.num_layers}, matmul={self.matmul}, "
                 f"int8_linears={q.get('int8_linears', 0)}")
-
-
-def positions(mask: np.ndarray) -> np.ndarray:
-    """Position ids from a 0/1 mask as transformers' generate computes them (padding -> 1)."""
-    pos = np.cumsum(mask, axis=-1) - 1
-    return np.where(mask == 0, 1, pos).astype(np.int64)
 
 
 def _numpy(x: Any, dtype) -> np.ndarray:

@@ -9,7 +9,7 @@ measured per-step cost. The whole-model prediction is the sum over modules (Amda
 a decision does not touch keep their time).
 
 Where the numbers come from (`device_costs`): on the machine you are on, micro-benchmarks run
-once and cached (planner/measure.py). For other hardware (named profiles, hand-built Hardware),
+once and cached (hetero_llm/measure.py), handed to the planner. For other hardware (named profiles, hand-built Hardware),
 tables: the CPU table is the reference machine's measurements scaled by memory bandwidth and
 peak FLOPs; the GPU table is datasheet bandwidth and FLOPs times typical efficiencies.
 """
@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from ..hardware import Hardware
-from .measure import DeviceCosts, LinearCost, cached_cpu_costs
+from .device_costs import DeviceCosts, LinearCost
 from .profile import ModuleProfile
 
 # Measured on the reference machine (2-core AMD EPYC, AVX-512 VNNI, torch 2.13): CPU table values
@@ -124,15 +124,12 @@ def native_cpu(costs: DeviceCosts) -> DeviceCosts:
                    norm_us={k: NATIVE_NORM_US for k in costs.norm_us}, op_us=0.2)
 
 
-def device_costs(hardware: Hardware, device: str) -> DeviceCosts:
-    """Costs of `device` ("cpu" or "cuda"): measured on this machine, else table values."""
+def device_costs(hardware: Hardware, device: str, cpu_costs: DeviceCosts | None = None) -> DeviceCosts:
+    """Costs of `device` ("cpu" or "cuda"): the CPU's measured `cpu_costs` when the caller has
+    them (measure.py, for this machine), else table values."""
     if device.startswith("cuda"):
         return _gpu_table(hardware)
-    if hardware.source == "inspected":
-        measured = cached_cpu_costs(hardware)
-        if measured is not None:
-            return measured
-    return _cpu_table(hardware)
+    return cpu_costs if cpu_costs is not None else _cpu_table(hardware)
 
 
 @dataclass(frozen=True)

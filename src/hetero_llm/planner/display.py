@@ -1,11 +1,11 @@
-"""Plan rendering: a plain-text table for terminals, HTML for Jupyter."""
+"""Plan rendering: a plain-text table for terminals, HTML for Jupyter.
+
+Each function takes a `Plan` (planner/plan.py), which imports this module to render itself: the
+functions read its attributes and do not import it back."""
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Callable
-
-if TYPE_CHECKING:
-    from .plan import Plan
+from typing import Callable
 
 _INDEX = re.compile(r"\.(\d+)\.")
 COLUMNS = ("module", "type", "role", "action", "kernel", "quant", "prune", "shard", "decode µs", "reason")
@@ -27,7 +27,7 @@ def _ranges(indices: list[int]) -> str:
     return ",".join(out)
 
 
-def plan_rows(plan: "Plan", full: bool = False) -> list[dict[str, str]]:
+def plan_rows(plan, full: bool = False) -> list[dict[str, str]]:
     """Rows for display; identical decisions in numbered layers collapse into one row."""
     groups: dict[tuple, list] = {}
     for e in plan.entries:
@@ -47,7 +47,7 @@ def plan_rows(plan: "Plan", full: bool = False) -> list[dict[str, str]]:
     return rows
 
 
-def _header(plan: "Plan") -> list[str]:
+def _header(plan) -> list[str]:
     hw = plan.hardware.get("name", "?")
     lines = [f"hetero_llm plan · {plan.model_type} (family: {plan.family or 'unknown'}) · "
              f"device {plan.device} · hardware: {hw}"]
@@ -77,7 +77,7 @@ def _span(r: tuple[int, int]) -> str:
     return f"{r[0]}-{r[1] - 1}" if r[1] - r[0] > 1 else str(r[0])
 
 
-def _rank_lines(plan: "Plan") -> list[str]:
+def _rank_lines(plan) -> list[str]:
     """One line per rank of a tp/pp plan: what that process holds."""
     par = plan.parallel
     if par is None:
@@ -94,7 +94,7 @@ def _rank_lines(plan: "Plan") -> list[str]:
     return lines
 
 
-def plan_table(plan: "Plan", full: bool = False) -> str:
+def plan_table(plan, full: bool = False) -> str:
     rows = plan_rows(plan, full)
     widths = {c: max([len(c)] + [len(r[c]) for r in rows]) for c in COLUMNS[:-1]}
     def fmt(r: dict[str, str]) -> str:
@@ -104,7 +104,7 @@ def plan_table(plan: "Plan", full: bool = False) -> str:
     return "\n".join(_header(plan) + [""] + body)
 
 
-def plan_html(plan: "Plan", esc: Callable[[str], str]) -> str:
+def plan_html(plan, esc: Callable[[str], str]) -> str:
     head = "".join(f"<div>{esc(line)}</div>" for line in _header(plan))
     th = "".join(f"<th style='text-align:left'>{esc(c)}</th>" for c in COLUMNS)
     trs = "".join("<tr>" + "".join(f"<td>{esc(r[c])}</td>" for c in COLUMNS) + "</tr>"

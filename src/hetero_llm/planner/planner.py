@@ -26,6 +26,7 @@ from .placement import split_for_budget
 from .predict import DTYPE_BYTES, predict, quant_bytes
 from .profile import ModuleProfile, profile_model
 from .decoding import choose_decode
+from .device_costs import DeviceCosts
 from .precision import choose_compute_dtype
 from .pruning import mark_pruning
 from ..prune.structured import plan_shrink, pruned_view
@@ -216,11 +217,12 @@ DECODE_COSTS = {"cuda_graph": cost.graphed, "native": cost.native_cpu}
 
 
 def _plan_device(model: nn.Module, spec, role_map, profiles: list[ModuleProfile], tied: set[str],
-                 hardware: Hardware, options: Options, device: str, decode: str | None = None) -> tuple:
+                 hardware: Hardware, options: Options, device: str, cpu_costs: DeviceCosts | None,
+                 decode: str | None = None) -> tuple:
     """Entries, fused groups, cost model and kernel backend for the whole model on `device`
     (`decode`: a decode mode whose steps cost less per op, see DECODE_COSTS)."""
     work = options.workload
-    costs = cost.device_costs(hardware, device)
+    costs = cost.device_costs(hardware, device, cpu_costs)
     cm = cost.CostModel(DECODE_COSTS[decode](costs) if decode else costs, work.batch_size, work.prompt_len)
     scheme, why = choose_scheme(options, device)
     # GPU profiles describe machines with Triton; an inspected machine reports its own.
@@ -240,8 +242,12 @@ def _plan_device(model: nn.Module, spec, role_map, profiles: list[ModuleProfile]
     return entries, fusions, cm, backend
 
 
-def make_plan(model: nn.Module, hardware: Hardware, options: Options, *, strict: bool = True) -> Plan:
+def make_plan(model: nn.Module, hardware: Hardware, options: Options, *, strict: bool = True,
+              cpu_costs: DeviceCosts | None = None) -> Plan:
     """Decide, per module, what accelerate() will do; the model is not changed.
+
+    `cpu_costs`: this CPU's measured costs (measure.py) when `hardware` is the machine planning;
+    None plans from tables. The planner only reads them: it never measures.
 
     With structured pruning the plan is made for the pruned architecture (a meta-device copy
     with the smaller config), so entries, sizes and predictions describe the model as it will be.
@@ -255,7 +261,8 @@ def make_plan(model: nn.Module, hardware: Hardware, options: Options, *, strict:
     profiles = profile_model(model, role_map.roles if role_map else None)
     device = choose_device(options.placement.device, hardware)
     tied = _tied(model)
-    entries, fusions, cm, backend = _plan_device(model, spec, role_map, profiles, tied, hardware, options, device)
+    entries, fusions, cm, backend = _plan_device(model, spec, role_map, profiles, tied, hardware, options, device,
+                                                cpu_costs)
     prune_notes = mark_pruning(entries, profiles, options.prune, tied, shrink, hardware=hardware, cm=cm,
                                tp=options.placement.tp)
     dtype = next((p.dtype for p in profiles if p.kind == "linear"), "float32")
@@ -274,7 +281,7 @@ def make_plan(model: nn.Module, hardware: Hardware, options: Options, *, strict:
     notes.extend(prune_notes)
     prediction = predict(entries, profiles, tied, cm, options.workload.prompt_len, hidden)
     if shrink is not None:  # "before" is the model as given, not the pruned one
-        prediction = _before_pruning(original, hardware, options, strict, prediction)
+        prediction = _before_pruning(original, hardware, options, strict, prediction, cpu_costs)
     ordered, device_map, offload, parallel = list(entries.values()), {}, (), None
     if options.placement.tp * options.placement.pp > 1:
         check_parallel(spec)
@@ -284,7 +291,7 @@ def make_plan(model: nn.Module, hardware: Hardware, options: Options, *, strict:
         notes.extend(par_notes)
     elif device == "cuda":
         def cpu_plan():
-            planned = _plan_device(model, spec, role_map, profiles, tied, hardware, options, "cpu")
+            planned = _plan_device(model, spec, role_map, profiles, tied, hardware, options, "cpu", cpu_costs)
             mark_pruning(planned[0], profiles, options.prune, tied, shrink)
             return planned
         placed = split_for_budget(spec, profiles, tied, hardware, options, entries, fusions, cm,
@@ -315,7 +322,7 @@ def make_plan(model: nn.Module, hardware: Hardware, options: Options, *, strict:
     notes.append(decode_note)
     if settings["decode"] in DECODE_COSTS:  # the same decisions; decode costs without per-op dispatch
         stepped, _, cm_step, _ = _plan_device(model, spec, role_map, profiles, tied, hardware, options, device,
-                                              decode=settings["decode"])
+                                              cpu_costs, decode=settings["decode"])
         mark_pruning(stepped, profiles, options.prune, tied, shrink, hardware=hardware, cm=cm_step,
                      tp=options.placement.tp)
         ordered = [replace(e, decode_us_after=stepped[e.name].decode_us_after) for e in ordered]
@@ -329,9 +336,10 @@ def make_plan(model: nn.Module, hardware: Hardware, options: Options, *, strict:
                 parallel=parallel)
 
 
-def _before_pruning(model: nn.Module, hardware: Hardware, options: Options, strict: bool, prediction):
+def _before_pruning(model: nn.Module, hardware: Hardware, options: Options, strict: bool, prediction,
+                    cpu_costs: DeviceCosts | None):
     """The prediction's "before" figures for the unpruned model in one process."""
     unpruned = replace(options, prune=PruneConfig(), placement=replace(options.placement, tp=1, pp=1))
-    before = make_plan(model, hardware, unpruned, strict=strict).prediction
+    before = make_plan(model, hardware, unpruned, strict=strict, cpu_costs=cpu_costs).prediction
     return replace(prediction, decode_ms_before=before.decode_ms_before, weight_mb_before=before.weight_mb_before,
                    prefill_ms_before=before.prefill_ms_before)

@@ -150,7 +150,7 @@ MATMULS = {"int8x2": int8x2_matmul, "bf16": bf16_matmul, "fp32": fp32_matmul}
 
 def available() -> tuple[str, ...]:
     """The strategies this build runs correctly on this CPU."""
-    from .w8a8 import int_mm_available
+    from ..kernels.cpu_int_mm import int_mm_available
     return tuple(s for s in STRATEGIES if s != "int8x2" or int_mm_available())
 
 

@@ -7,11 +7,10 @@ the integer matmul and computed in floating point (LLM.int8()-style).
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import nn
 
+from ..kernels.cpu_int_mm import int_mm_available
 from .backends import BackendSlot
 from .primitives import QuantizedWeight, dequantize, quantize_per_token, quantize_weight
 
@@ -36,18 +35,6 @@ class TorchW8A8:
         q, s = quantize_per_token(x2d)
         acc = q.double() @ layer.qweight.double().T  # exact: |sum| < 2^53
         return (acc * s.double() * layer.scale.double()).float()
-
-
-@functools.lru_cache(maxsize=1)
-def int_mm_available() -> bool:
-    """torch._int_mm runs on CPU tensors in this build and is exact."""
-    try:
-        g = torch.Generator().manual_seed(0)
-        a = torch.randint(-127, 128, (3, 64), generator=g, dtype=torch.int8)
-        b = torch.randint(-127, 128, (40, 64), generator=g, dtype=torch.int8)
-        return bool(torch.equal(torch._int_mm(a, b.t()), (a.long() @ b.long().t()).int()))
-    except Exception:  # noqa: BLE001 - any failure means "not usable here"
-        return False
 
 
 class CpuIntMM:

@@ -36,87 +36,24 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .._cpu_load import BUSY_CORES, OtherLoad
-from .._files import cache_dir, write_text_atomically
-from .._version import __version__
-from ..hardware import Hardware
+from ._cpu_load import BUSY_CORES, OtherLoad
+from ._files import cache_dir, write_text_atomically
+from ._version import __version__
+from .hardware import Hardware
+from .planner.device_costs import (COSTS_VERSION, LARGE_SHAPE, MEDIUM_SHAPE, PROMPT_ROWS, DeviceCosts,
+                                   LinearCost)
 
-COSTS_VERSION = 3  # 2: INT8 prefill GEMM chosen per CPU (quant/cpu_prefill.py); 3: fast end, probe, load
 # Weights cycled through to time streaming: 8x a 32 MiB last-level cache. With 2x, calls still
 # hit it (AMD's L3 keeps victims): 40 GB/s measured where a 1B model's decode streams at 30.
 STREAM_POOL_BYTES = 256 * 2**20
 SLOW_STREAM_GBS = 4.0
 READ_BYTES = 512 * 2**20  # plain read bandwidth: summing this much
 SMALL_SHAPE = (256, 256)  # (out, in): in cache, so its time is the kernel's fixed cost per call
-# Streaming is timed at two sizes: kernels that dequantize into temporaries slow down once those
-# leave the cache, so bandwidth is interpolated in log(parameters) between the two.
-MEDIUM_SHAPE = (1024, 1024)
-LARGE_SHAPE = (2048, 4096)
-# GEMM throughput is timed on prompts of these many rows: a CPU GEMM of 512 rows ran 10-25%
-# faster per FLOP than one of 128 here, so a 512-token prompt predicted from 128 came out slow.
-PROMPT_ROWS = (128, 512)
 TINY_LAYERS = (2, 10)
 TINY_NEW_TOKENS = 32
 # The cached figures are measured again when the reference workload runs faster by more than
 # this factor than when they were taken (run-to-run drift on a shared VM is ~15%).
 PROBE_DRIFT = 1.3
-
-
-@dataclass(frozen=True)
-class LinearCost:
-    """One linear kernel at batch 1: `call_us + bytes / bandwidth` microseconds, the bandwidth
-    measured on a medium (1M-parameter) and a large (8M) weight and interpolated between them."""
-
-    call_us: float
-    gbs: float  # streaming a medium weight
-    gbs_large: float  # streaming a large weight
-    gemm_gflops: float  # throughput on a prompt of PROMPT_ROWS[0] rows, for prefill
-    gemm_gflops_long: float = 0.0  # ... and of PROMPT_ROWS[1] (0: not measured, the same)
-
-    def throughput(self, rows: int) -> float:
-        """GEMM GFLOP/s on `rows` rows, interpolated in log(rows) between the measured two."""
-        if self.gemm_gflops_long <= 0:
-            return self.gemm_gflops
-        lo, hi = PROMPT_ROWS
-        t = min(max((math.log(max(rows, 1)) - math.log(lo)) / (math.log(hi) - math.log(lo)), 0.0), 1.0)
-        return self.gemm_gflops * (self.gemm_gflops_long / self.gemm_gflops) ** t
-
-    def bandwidth(self, params: float) -> float:
-        lo, hi = MEDIUM_SHAPE[0] * MEDIUM_SHAPE[1], LARGE_SHAPE[0] * LARGE_SHAPE[1]
-        t = min(max((math.log(max(params, 1)) - math.log(lo)) / (math.log(hi) - math.log(lo)), 0.0), 1.0)
-        return self.gbs * (self.gbs_large / self.gbs) ** t  # geometric interpolation
-
-    def decode_us(self, nbytes: float, params: float) -> float:
-        return self.call_us + nbytes / (self.bandwidth(params) * 1e3)
-
-
-@dataclass(frozen=True)
-class DeviceCosts:
-    """The measured (or tabled) costs of one device, all in microseconds and GB/s."""
-
-    device: str
-    source: str  # "measured" | "table"
-    read_gbs: float  # plain memory read
-    op_us: float  # one small eager op
-    linears: dict[str, LinearCost] = field(default_factory=dict)  # "kernel:quant" -> cost
-    step_us: dict[str, float] = field(default_factory=dict)  # generate() per step, by block style
-    block_us: dict[str, float] = field(default_factory=dict)  # non-matmul work per block, by style
-    norm_us: dict[str, float] = field(default_factory=dict)  # one norm call, by kernel
-    transfer_gbs: float = 0.0  # host <-> device copies (GPUs), pinned memory
-    transfer_us: float = 0.0  # latency of one host <-> device copy
-    attention_gflops: float = 0.0  # causal SDPA over a prompt (0: not measured; GEMM throughput)
-    probe_us: float = 0.0  # the reference workload (probe_us()) when these were measured
-    others_cores: float | None = None  # cores other processes used meanwhile (None: unknown)
-    version: int = COSTS_VERSION
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "DeviceCosts":
-        d = dict(d)
-        d["linears"] = {k: LinearCost(**v) for k, v in d.get("linears", {}).items()}
-        return cls(**d)
 
 
 # ----------------------------------------------------------------------------- timing
@@ -162,11 +99,11 @@ def _fast_end(samples: list[float]) -> float:
 def _linear_variants() -> dict[str, Callable[[torch.Tensor], nn.Module]]:
     """"kernel:quant" -> builder of that module from an fp32 (out, in) weight, for kernels this
     machine can run. Mirrors what quantize_pass builds."""
-    from ..kernels.cpu_vnni import vnni_possible
-    from ..quant.backends import BACKENDS
-    from ..quant.modules import Int8Linear
-    from ..quant.w8a8 import BACKENDS as W8A8_BACKENDS
-    from ..quant.w8a8 import W8A8Linear
+    from .kernels.cpu_vnni import vnni_possible
+    from .quant.backends import BACKENDS
+    from .quant.modules import Int8Linear
+    from .quant.w8a8 import BACKENDS as W8A8_BACKENDS
+    from .quant.w8a8 import W8A8Linear
 
     def linear(dtype):
         def build(w):
@@ -315,20 +252,25 @@ def _block_costs(linears: dict[str, LinearCost], norm_us: dict[str, float],
     cost model adds them per module."""
     import warnings
 
-    from ..api import accelerate
+    from .config import Options
+    from .pipeline import apply_plan
+    from .planner import make_plan
+
+    def accelerated(m: nn.Module, **options) -> nn.Module:
+        # The plan from tables (no cpu_costs: nothing is measured while measuring), applied as
+        # accelerate() applies it; the tiny Llama is built here, so accelerate()'s checks are moot.
+        return apply_plan(m, make_plan(m, _no_measure_hardware(), Options.from_kwargs(**options), strict=False))
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     int8 = next((k for k in ("cpu-vnni:int8", "cpu-int8pack:int8") if k in linears), linear_key)
     quantize = "int8" if int8 != linear_key else "none"
     styles = {"sdpa": (lambda m: m, 7, "torch", linear_key),  # q, k, v, o, gate, up, down; transformers' norm
               # transformers' loop: the native step has costs of its own (cost.native_cpu)
-              "rotary": (lambda m: accelerate(m, quantize=quantize, hardware=_no_measure_hardware(), strict=False,
-                                              decode="transformers"),
+              "rotary": (lambda m: accelerated(m, quantize=quantize, decode="transformers"),
                          4, "torch-rms_norm", int8)}  # fused qkv, o, fused gate_up, down
     if quantize == "int8" and _native_possible():
         # The compiled step (decode="native"): its linears and norms run inside it, so a block's
         # measured time minus its in-cache GEMVs is all "block" (norm and call costs: NATIVE_*).
-        styles["native"] = (lambda m: accelerate(m, quantize="int8", hardware=_no_measure_hardware(), strict=False,
-                                                 decode="native"), 0, None, int8)
+        styles["native"] = (lambda m: accelerated(m, quantize="int8", decode="native"), 0, None, int8)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         models = {(style, n): prepare(_tiny_llama(n).to(device, dtype))
@@ -366,14 +308,14 @@ def _tiny_native_linears_us(cost: LinearCost) -> float:
 def _native_possible() -> bool:
     """Whether the compiled CPU decode step can be built here (building it, ~30 s once, when
     it is not in torch's extension cache yet: accelerate() would build it next anyway)."""
-    from ..kernels import cpu_decode
+    from .kernels import cpu_decode
     return cpu_decode.possible() and cpu_decode.native_module() is not None
 
 
 def _norm_costs() -> dict[str, float]:
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-    from ..kernels.modules import RMSNorm
+    from .kernels.modules import RMSNorm
     x = torch.randn(1, 1, 1024)
     hf = LlamaRMSNorm(1024)
     ours = RMSNorm(hf.weight, 1e-6, backend="torch")
@@ -452,6 +394,12 @@ def machine_key(hardware: Hardware) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def measured_cpu_costs(hardware: Hardware) -> DeviceCosts | None:
+    """What the planner is handed for `hardware`'s CPU: this machine's measured costs when
+    `hardware` was inspected here, else None (the planner's tables)."""
+    return cached_cpu_costs(hardware) if hardware.source == "inspected" else None
+
+
 def cached_cpu_costs(hardware: Hardware, *, refresh: bool = False) -> DeviceCosts | None:
     """This machine's measured CPU costs: from the cache, or measured now and cached.
 
@@ -500,9 +448,9 @@ def _stale(path: Path, cached: DeviceCosts) -> str | None:
 
 
 def _no_measure_hardware() -> Hardware:
-    """This machine as a hand-built Hardware: planning with it uses table costs, so planning the
-    tiny models while measuring does not measure again."""
+    """This machine as a hand-built Hardware, planned from tables (the plans of the tiny models
+    measured here)."""
     import dataclasses
 
-    from ..hardware import inspect_hardware
+    from .hardware import inspect_hardware
     return dataclasses.replace(inspect_hardware(), source="manual")
