@@ -14,7 +14,7 @@ import hetero_llm
 from hetero_llm import (AlreadyAcceleratedError, ForeignQuantizationError, HardwareError, HeteroLLMError,
                         HeteroLLMWarning, InvalidOptionError, KernelConfig, MetaDeviceError,
                         NonFiniteWeightError, NotAModelError, Plan, PlanMismatchError, PruneConfig, QuantConfig)
-from hetero_llm.kernels.modules import RMSNorm, RotaryAttention
+from hetero_llm.fused.modules import RMSNorm, RotaryAttention
 from hetero_llm.quant import Int8Linear
 
 # Tolerances, in one place: fusions alone are fp32-exact up to summation order; INT8 is loose.

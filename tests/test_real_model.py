@@ -7,7 +7,7 @@ import torch
 import hetero_llm
 from hetero_llm import QuantConfig
 from hetero_llm.evaluate import load_model, perplexity
-from hetero_llm.kernels.modules import GatedMLP, RotaryAttention
+from hetero_llm.fused.modules import GatedMLP, RotaryAttention
 from hetero_llm.quant.embedding import TiedInt8Linear
 
 PPL_TOKENS = 2048

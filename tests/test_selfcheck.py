@@ -12,7 +12,7 @@ import torch
 import hetero_llm
 from hetero_llm import KernelConfig, selfcheck
 from hetero_llm.errors import HeteroLLMWarning, SelfCheckError
-from hetero_llm.kernels import modules as kernel_modules
+from hetero_llm.fused import modules as kernel_modules
 from hetero_llm.planner.swaps import PARTS, plan_parts
 from tiny_models import FAMILIES, LLAMA_LIKE, assert_same_tokens, tiny_model
 

@@ -1,7 +1,14 @@
-"""Small helpers to find and replace submodules by dotted name."""
+"""Small helpers about a model's modules: find and replace them by dotted name, the dtype of its
+weights."""
 from __future__ import annotations
 
+import torch
 from torch import nn
+
+
+def model_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of the model's first floating-point parameter (float32 if it has none)."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
 
 
 def parent_of(model: nn.Module, name: str) -> tuple[nn.Module, str]:

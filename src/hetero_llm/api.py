@@ -14,7 +14,7 @@ from .hardware import Hardware, hardware_profile, inspect_hardware
 from .integrations.transformers import spec_by_family
 from .measure import measured_cpu_costs
 from .parallel.shard import join_job
-from .pipeline import apply_plan
+from .pipeline import PassContext, apply_plan
 from .planner import Plan, make_plan
 from .planner.profile import profile_model
 from .prune.apply import prune_config
@@ -183,9 +183,9 @@ def accelerate(model: nn.Module, *, plan: Plan | None = None, hardware: Hardware
     _prepare(model, checkpoint)
     chosen = plan if plan is not None else _make_plan(model, _resolve_hardware(hardware),
                                                       Options.from_kwargs(**options), strict)
-    ctx = None
+    job = None
     if chosen.parallel is not None:  # join the torchrun job before the first change; rank 0's plan wins
-        ctx, chosen = join_job(chosen)
+        job, chosen = join_job(chosen)
     # Before the first change: the swaps must reproduce transformers' modules on this install.
     chosen = verify_plan(model, chosen, strict=strict)
     check_plan_matches(planned_model(model, chosen), chosen)
@@ -203,4 +203,4 @@ def accelerate(model: nn.Module, *, plan: Plan | None = None, hardware: Hardware
     else:
         check_quantizable(model, chosen)  # fail before the first change, not halfway
         _check_calibration_data(chosen, calibration_data)
-    return apply_plan(model, chosen, ctx=ctx, calibration_data=calibration_data, checkpoint=checkpoint)
+    return apply_plan(model, chosen, PassContext(calibration_data=calibration_data, job=job, checkpoint=checkpoint))

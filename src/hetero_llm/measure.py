@@ -315,7 +315,7 @@ def _native_possible() -> bool:
 def _norm_costs() -> dict[str, float]:
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-    from .kernels.modules import RMSNorm
+    from .fused.modules import RMSNorm
     x = torch.randn(1, 1, 1024)
     hf = LlamaRMSNorm(1024)
     ours = RMSNorm(hf.weight, 1e-6, backend="torch")

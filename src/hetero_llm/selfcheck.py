@@ -37,7 +37,7 @@ from .hardware import hardware_profile
 from .integrations import hf_adapter as hf
 from .integrations.tiny import TinyModelError, tiny_model
 from .integrations.transformers import spec_for
-from .kernels.apply import kernels_pass
+from .fused.apply import kernels_pass
 from .kernels.triton_utils import interpreted
 from .planner import Plan, make_plan
 from .planner.swaps import (PARTS, REQUIRES, plan_parts, quantized_groups, with_only_parts,

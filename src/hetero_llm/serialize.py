@@ -28,10 +28,10 @@ from ._files import sha256_file, written_atomically
 from ._version import __version__
 from .errors import DistributedError, HardwareError, HeteroLLMError, ModelLoadError, PlanMismatchError
 from .integrations import hf_adapter as hf
-from .planner.plan import Plan
+from .plan import Plan
 from .selfcheck import require_parts
-from .decode import decode_pass
-from .prune.semi_sparse import dense_weight, semi_sparse_pass
+from .pipeline import PassContext, apply_plan
+from .prune.semi_sparse import dense_weight
 
 FORMAT = "hetero_llm"
 FORMAT_VERSION = 1
@@ -117,13 +117,11 @@ def _read_manifest(directory: Path) -> dict:
 
 
 def _skeleton(directory: Path, manifest: dict, plan: Plan) -> nn.Module:
-    """The original architecture with meta weights, its plan's swaps replayed."""
+    """The original architecture with meta weights, checked against the plan."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from .api import check_plan_matches
-    from .kernels.apply import kernels_pass
-    from .quant.apply import empty_quantize_pass
 
     config = AutoConfig.from_pretrained(str(directory))
     dtype = getattr(torch, manifest.get("dtype", "float32"))
@@ -134,8 +132,6 @@ def _skeleton(directory: Path, manifest: dict, plan: Plan) -> nn.Module:
         raise ModelLoadError(f"config.json builds a {type(model).__name__}, the manifest expects "
                              f"{manifest.get('model_class')}; the directory mixes files from different saves.")
     check_plan_matches(model, plan)
-    replaced = empty_quantize_pass(model, plan) + (kernels_pass(model, plan) or [])
-    model.hetero_replaced = replaced
     return model
 
 
@@ -176,9 +172,18 @@ def load(path: str | os.PathLike) -> nn.Module:
         raise HardwareError("this model was saved with a plan for a CUDA GPU and this machine has none; "
                             "load it on a GPU machine, or re-accelerate the original model here.")
     model = _skeleton(directory, manifest, plan)
-    require_parts(model, plan, f"the model saved in {directory} (with transformers "
-                               f"{manifest.get('transformers_version', 'unknown')})")
-    tensors = _load_tensors(directory, manifest)
+
+    def fill(rebuilt: nn.Module) -> None:  # the "fill" pass: after the plan's swaps, before placing
+        require_parts(rebuilt, plan, f"the model saved in {directory} (with transformers "
+                                     f"{manifest.get('transformers_version', 'unknown')})")
+        _fill(rebuilt, _load_tensors(directory, manifest))
+
+    # The passes accelerate() ran, replayed on the meta skeleton: empty INT8 modules, the fused
+    # ones, then the saved tensors, then dtype, devices, 2:4 weights and generate().
+    return apply_plan(model, plan, PassContext(fill=fill))
+
+
+def _fill(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
     expected = set(model.state_dict().keys())
     if set(tensors) != expected:
         missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
@@ -192,15 +197,6 @@ def load(path: str | os.PathLike) -> nn.Module:
     leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if leftover:
         raise ModelLoadError(f"{leftover[0]} (and {len(leftover) - 1} more) got no data from the file.")
-    from .parallel.placement import place_pass
-    from .quant.apply import compute_dtype_pass
-    compute_dtype_pass(model, plan)  # saved after the cast, so a no-op unless the file was edited
-    place_pass(model, plan)
-    model.hetero_replaced = list(model.hetero_replaced) + semi_sparse_pass(model, plan)  # after placement
-    model.hetero_replaced += decode_pass(model, plan)  # binds generate()/forward() on the finished model
-    model.eval()
-    model.hetero_plan = plan
-    return model
 
 
 def _refresh_derived(model: nn.Module) -> None:

@@ -16,7 +16,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
 import hetero_llm
 from hetero_llm.config import QuantConfig
 from hetero_llm.errors import UnsupportedArchitectureError
-from hetero_llm.kernels.modules import (FusedProjection, GatedMLP, ProjectionSlice, RMSNorm,
+from hetero_llm.fused.modules import (FusedProjection, GatedMLP, ProjectionSlice, RMSNorm,
                                         RotaryAttention)
 from hetero_llm.quant import Int8Linear
 from hetero_llm.quant.embedding import Int8Embedding, TiedInt8Linear

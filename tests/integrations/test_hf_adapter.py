@@ -63,7 +63,7 @@ def test_static_cache_length_is_a_tensor_on_the_cache_device():
 
 
 def test_attention_registration_and_selection():
-    from hetero_llm.integrations import attention_interface
+    from hetero_llm.fused import attention_interface
 
     model = tiny_model("llama")
     assert hf.can_set_attention(model)

@@ -13,7 +13,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import hetero_llm
-from hetero_llm.kernels import decoder_layer
+from hetero_llm.fused import decoder_layer
 from tiny_shapes import TINY_SHAPES
 
 BASE = dict(vocab_size=256, pad_token_id=0, bos_token_id=1, eos_token_id=2)

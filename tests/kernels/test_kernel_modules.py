@@ -12,8 +12,8 @@ from transformers.models.llama.modeling_llama import (LlamaAttention, LlamaMLP, 
                                                       LlamaRotaryEmbedding)
 
 from hetero_llm.kernels import rms_norm, rms_norm_ref
-from hetero_llm.kernels.apply import fuse_linears
-from hetero_llm.kernels.modules import FusedProjection, GatedMLP, ProjectionSlice, RMSNorm, RotaryAttention
+from hetero_llm.fused.apply import fuse_linears
+from hetero_llm.fused.modules import FusedProjection, GatedMLP, ProjectionSlice, RMSNorm, RotaryAttention
 from hetero_llm.quant import Int8Linear
 
 # Tolerances per dtype, in one place.
@@ -271,7 +271,7 @@ def test_rotary_attention_equals_llama_attention(kv_heads):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_apply_rotary_is_transformers_rotary_bit_for_bit(dtype):
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-    from hetero_llm.kernels.modules import apply_rotary
+    from hetero_llm.fused.modules import apply_rotary
     torch.manual_seed(0)
     b, heads, s, d = 2, 5, 7, 16
     # A strided view of a fused projection, as RotaryAttention passes it.

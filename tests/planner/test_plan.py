@@ -11,7 +11,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 import hetero_llm
 from hetero_llm import Plan, PlanEntry, PlanMismatchError
 from hetero_llm.planner import Fusion, Prediction
-from hetero_llm.planner.plan import PLAN_VERSION
+from hetero_llm.plan import PLAN_VERSION
 
 BASE = dict(vocab_size=256, pad_token_id=0, bos_token_id=1, eos_token_id=2)
 SHAPES = {

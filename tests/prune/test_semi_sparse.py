@@ -16,7 +16,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 import hetero_llm
 from hetero_llm.errors import HeteroLLMWarning
 from hetero_llm.hardware import Hardware, hardware_profile
-from hetero_llm.planner.pruning import SPARSE_KERNEL
+from hetero_llm.prune.semi_sparse import SPARSE_KERNEL
 from hetero_llm.prune import semi_sparse
 from hetero_llm.prune.semi_sparse import dense_weight, is_semi_sparse, sparse_targets
 from hetero_llm.serialize import WEIGHTS

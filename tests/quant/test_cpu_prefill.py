@@ -230,7 +230,7 @@ def test_the_fused_epilogue_is_declined_where_its_gemm_is_not_used(monkeypatch):
 
 def test_a_gated_mlp_and_a_residual_projection_give_the_same_prompt_output(monkeypatch):
     from hetero_llm.kernels.dispatch import project_add
-    from hetero_llm.kernels.modules import GatedMLP
+    from hetero_llm.fused.modules import GatedMLP
     native_or_skip()
     monkeypatch.setenv(cpu_prefill.ENV, "int8x2")
     mlp = GatedMLP(unbiased("int8", k=576, n=2 * 320), unbiased("int8", k=320, n=576), nn.SiLU(), 320)

@@ -7,7 +7,7 @@ from torch import nn
 
 from ..errors import HeteroLLMWarning, PlanMismatchError
 from ..integrations.transformers import spec_by_family
-from ..planner.plan import Plan
+from ..plan import Plan
 from .runner import install
 from .step import step_problem
 

@@ -17,9 +17,9 @@ from ..integrations import hf_adapter as hf
 from ..integrations.transformers import ArchitectureSpec
 from ..kernels import cpu_decode
 from ..kernels.cpu_decode import activation_code
-from ..kernels.decoder_layer import LAYER_CHILDREN
-from ..kernels.modules import GatedMLP, RMSNorm, RotaryAttention
-from ..planner.precision import model_dtype
+from ..fused.decoder_layer import LAYER_CHILDREN
+from ..fused.modules import GatedMLP, RMSNorm, RotaryAttention
+from .._modules import model_dtype
 from ..quant.modules import Int8Linear
 from .step import DecodeStep
 

@@ -31,7 +31,7 @@ from torch import nn
 from ..errors import HeteroLLMWarning
 from ..integrations import hf_adapter as hf
 from ..integrations.transformers import ArchitectureSpec
-from ..planner.precision import model_dtype
+from .._modules import model_dtype
 from .step import DecodeStep
 
 MODES = ("cuda_graph", "static", "native")

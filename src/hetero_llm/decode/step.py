@@ -22,7 +22,7 @@ from torch import nn
 
 from ..integrations import hf_adapter as hf
 from ..integrations.transformers import ArchitectureSpec
-from ..kernels.modules import RotaryAttention
+from ..fused.modules import RotaryAttention
 
 # Rotary embeddings whose tables are recomputed from the largest position seen: transformers
 # decides that on the host from GPU values, which a captured step cannot do.

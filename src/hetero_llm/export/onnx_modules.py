@@ -26,7 +26,7 @@ from .._modules import replace_module
 from ..decode import uninstall as uninstall_decode
 from ..integrations.hf_adapter import (attention_implementation, can_set_attention, set_attention_implementation,
                                        take_cache)
-from ..kernels.modules import ProjectionSlice, RotaryAttention
+from ..fused.modules import ProjectionSlice, RotaryAttention
 from ..quant.embedding import TiedInt8Linear
 from ..quant.modules import Int8Linear
 from ..quant.primitives import QuantizedWeight, dequantize

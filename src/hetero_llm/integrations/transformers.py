@@ -40,7 +40,7 @@ class ArchitectureSpec:
     # such an MLP may be replaced whole by one fused module.
     gated_mlp_act: str | None = None
     # "rotary": Llama-style attention (fused qkv, rotary from position_embeddings,
-    # SDPA) that may be replaced whole by kernels.modules.RotaryAttention.
+    # SDPA) that may be replaced whole by fused.modules.RotaryAttention.
     attention_style: str | None = None
     # The module that turns position ids into rotary (cos, sin) tables, shared by all layers
     # (hetero_llm.decode's step calls it once per token).

@@ -17,6 +17,8 @@ from torch import nn
 
 from ..errors import InvalidOptionError
 from ..integrations.transformers import ArchitectureSpec, block_sizes
+from ..plan import PlanEntry
+from ..quant.schemes import QuantSpec
 
 Range = tuple[int, int]
 
@@ -162,3 +164,14 @@ def stage_ranges(n_layers: int, pp: int) -> list[Range]:
         raise InvalidOptionError(f"pp={pp} needs at least {pp} decoder layers; the model has {n_layers}. "
                                  "Use a smaller pp.")
     return even_ranges(n_layers, pp)
+
+
+def mlp_unit_of(entries: dict[str, PlanEntry]) -> int:
+    """The quantization group size of the row-parallel MLP projection (1 without groups), so
+    its per-group scales split with their weights."""
+    for e in entries.values():
+        if e.role in ("down", "fc_out") and e.action == "quantize" and e.quant:
+            spec = QuantSpec.parse(e.quant)
+            if spec.granularity == "group":
+                return spec.group_size
+    return 1

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ..errors import HardwareError, PlanMismatchError
-from ..planner.plan import Plan
+from ..plan import Plan
 from .offload import offload_block, remove_offload
 from .transfer import InputsTo, LogitsTo, OutputsOn, Transport, canonical
 

@@ -8,10 +8,9 @@ from dataclasses import replace
 from torch import nn
 
 from ..integrations.transformers import map_roles, spec_by_family
-from ..planner.parallel import mlp_unit
-from ..planner.plan import Plan
+from ..plan import Plan
 from .comm import ParallelContext, init_parallel
-from .layout import tensor_layout
+from .layout import mlp_unit_of, tensor_layout
 from .pipeline import EmbeddingStandIn, LogitsStandIn, SkippedLayer, split_pipeline
 from .layout import TensorLayout
 from .tensor import slice_tensor_parallel, wire_tensor_parallel
@@ -39,7 +38,7 @@ def _layout(model: nn.Module, plan: Plan) -> TensorLayout | None:
     if par.tp == 1:
         return None
     spec = spec_by_family(plan.family)
-    return tensor_layout(model, spec, par.tp, par.vocab_parallel, mlp_unit({e.name: e for e in plan.entries}))
+    return tensor_layout(model, spec, par.tp, par.vocab_parallel, mlp_unit_of({e.name: e for e in plan.entries}))
 
 
 def cut_pass(model: nn.Module, plan: Plan, ctx: ParallelContext) -> list[tuple[str, str, str]]:

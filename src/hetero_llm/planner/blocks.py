@@ -9,7 +9,7 @@ from torch import nn
 from ..config import Options
 from ..integrations.transformers import ArchitectureSpec
 from .cost import CostModel
-from .plan import Fusion, PlanEntry
+from ..plan import Fusion, PlanEntry
 from .profile import ModuleProfile
 
 
@@ -98,7 +98,7 @@ def decoder_layer_fusions(model: nn.Module, spec: ArchitectureSpec | None, entri
                           fusions: list[Fusion]) -> list[Fusion]:
     """Llama-style blocks whose forward may be the fused layer forward: the block's attention,
     MLP and both norms are all swapped for fused modules, and the block has nothing else."""
-    from ..kernels.decoder_layer import LAYER_CHILDREN
+    from ..fused.decoder_layer import LAYER_CHILDREN
 
     if spec is None or spec.attention_style != "rotary" or not spec.gated_mlp_act:
         return []

@@ -8,8 +8,8 @@ from torch import nn
 from ..config import Options
 from ..errors import InvalidOptionError
 from ..integrations.transformers import ArchitectureSpec
-from .plan import Fusion, PlanEntry
-from .precision import model_dtype
+from ..plan import Fusion, PlanEntry
+from .._modules import model_dtype
 
 # Modes by device under decode="auto". On the CPU the eager static step measured 0.93-0.97x
 # transformers' loop (SmolLM2-135M INT8, 2 cores: its ~1,000 small ops cost what the skipped mask

@@ -14,11 +14,10 @@ from torch import nn
 from ..config import Options
 from ..errors import UnsupportedArchitectureError
 from ..integrations.transformers import ArchitectureSpec
-from ..parallel.layout import ROW_ROLES, TensorLayout, role_shard, stage_ranges, tensor_layout
-from .plan import ParallelPlan, PlanEntry, Prediction, RankShare
+from ..parallel.layout import ROW_ROLES, TensorLayout, mlp_unit_of, role_shard, stage_ranges, tensor_layout
+from ..plan import ParallelPlan, PlanEntry, Prediction, RankShare
 from .predict import entry_weight_bytes
 from .profile import ModuleProfile
-from ..quant.schemes import QuantSpec
 
 # One all-reduce of a decode step's activations (latency-bound): gloo over loopback on a CPU
 # (~1 ms measured with two 1-thread ranks on the 2-core reference machine, benchmarks/cpu_parallel.py),
@@ -51,17 +50,6 @@ def _fraction(e: PlanEntry, lay: TensorLayout, rank: int) -> float:
     return shard.size(rank) / total
 
 
-def mlp_unit(entries: dict[str, PlanEntry]) -> int:
-    """The quantization group size of the row-parallel MLP projection (1 without groups), so
-    its per-group scales split with their weights."""
-    for e in entries.values():
-        if e.role in ("down", "fc_out") and e.action == "quantize" and e.quant:
-            spec = QuantSpec.parse(e.quant)
-            if spec.granularity == "group":
-                return spec.group_size
-    return 1
-
-
 def check_parallel(spec: ArchitectureSpec | None) -> None:
     if spec is None:
         raise UnsupportedArchitectureError(
@@ -90,7 +78,7 @@ def plan_parallel(model: nn.Module, spec: ArchitectureSpec, entries: dict[str, P
     """Slices per rank, labelled entries, per-rank weights and the predicted step time."""
     pl = options.placement
     tp, pp = pl.tp, pl.pp
-    lay = tensor_layout(model, spec, tp, pl.vocab_parallel, mlp_unit(entries)) if tp > 1 else None
+    lay = tensor_layout(model, spec, tp, pl.vocab_parallel, mlp_unit_of(entries)) if tp > 1 else None
     entries = parallel_entries(entries, lay)
     n_layers = len(model.get_submodule(spec.layers))
     stages = stage_ranges(n_layers, pp)

@@ -11,7 +11,7 @@ from typing import Callable
 from ..config import Options
 from ..hardware import Hardware
 from .cost import CostModel
-from .plan import Fusion, PlanEntry, Prediction
+from ..plan import Fusion, PlanEntry, Prediction
 from .predict import attention_style, entry_weight_bytes
 from .profile import ModuleProfile
 from .split import CPU_RESERVE, GPU_RESERVE, Block, block_of, place_entries, plan_split

@@ -20,7 +20,7 @@ from ..quant.w8a8 import BACKENDS as W8A8_BACKENDS
 
 from . import cost
 from .blocks import plan_fusions, plan_other, residual_fusions
-from .plan import Plan, PlanEntry
+from ..plan import Plan, PlanEntry
 from .parallel import check_parallel, plan_parallel
 from .placement import split_for_budget
 from .predict import DTYPE_BYTES, predict, quant_bytes

@@ -13,13 +13,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .plan import PlanEntry
+from .._modules import model_dtype
+from ..plan import PlanEntry
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
-
-
-def model_dtype(model: nn.Module) -> torch.dtype:
-    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
 
 
 def choose_compute_dtype(model: nn.Module, device: str, entries: list[PlanEntry]) -> tuple[str | None, str | None]:

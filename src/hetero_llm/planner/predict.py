@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from ..quant.schemes import QuantSpec
 from .cost import CostModel
-from .plan import PlanEntry, Prediction
+from ..plan import PlanEntry, Prediction
 from .profile import ModuleProfile
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1}

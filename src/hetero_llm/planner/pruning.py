@@ -17,22 +17,17 @@ from dataclasses import replace
 from ..config import PruneConfig
 from ..errors import InvalidOptionError
 from ..hardware import Hardware
+from ..prune.masks import mask_label
+from ..prune.semi_sparse import (SPARSE_DTYPES, SPARSE_KERNEL, SPARSE_MIN_CAPABILITY, SPARSE_MIN_COLS,
+                                  SPARSE_MIN_ROWS)
 from ..prune.structured import ATTN_IN, ATTN_OUT, MLP_IN, MLP_OUT, Shrink
 from .cost import CostModel
-from .plan import PlanEntry
+from ..plan import PlanEntry
 from .predict import quant_bytes
 from .profile import ModuleProfile
 
 # Linears inside decoder layers ("linear": the generic role of an unknown architecture's Linear).
 MASKED_ROLES = ("q", "k", "v", "qkv", "o", "gate", "up", "gate_up", "down", "fc_in", "fc_out", "linear")
-
-
-def mask_label(cfg: PruneConfig) -> str:
-    refit = " +refit" if cfg.reconstruct else ""
-    if cfg.nm is not None:
-        return f"{cfg.method} {cfg.pattern}{refit}"
-    where = "global" if cfg.scope == "global" else ("per row" if cfg.method == "wanda" else "per layer")
-    return f"{cfg.method} {100 * cfg.sparsity:g}% {where}{refit}"
 
 
 def _maskable(p: ModuleProfile, cfg: PruneConfig, tied: set[str], output: str | None) -> bool:
@@ -104,14 +99,6 @@ def _mark_structured(entries: dict[str, PlanEntry], profiles: list[ModuleProfile
 
 
 # -- 2:4 on sparse tensor cores -----------------------------------------------------------------
-
-SPARSE_KERNEL = "torch-sparse24"  # F.linear on a torch.sparse.SparseSemiStructuredTensor weight
-SPARSE_MIN_CAPABILITY = (8, 0)  # sparse tensor cores: Ampere (sm_80) and newer
-SPARSE_DTYPES = ("float16", "bfloat16")
-# torch's limits on the weight (rows = out_features, cols = in_features), each a positive multiple:
-# CUTLASS (32, 64) for fp16/bf16, cuSPARSELt (16, 16) (torch/sparse/semi_structured.py,
-# _DTYPE_SHAPE_CONSTRAINTS); the stricter pair fits whichever backend torch picks on the GPU.
-SPARSE_MIN_ROWS, SPARSE_MIN_COLS = 32, 64
 
 # Cost of a 2:4 matmul, relative to torch's dense one on the same GPU table (planner/cost.py).
 # Estimates from the format and published kernel speedups, NOT measured on a GPU here:

@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from .cost import CostModel, transfer_us
-from .plan import PlanEntry
+from ..plan import PlanEntry
 
 GPU_RESERVE = 0.9  # share of GPU memory for weights and KV cache; the rest is CUDA context and activations
 CPU_RESERVE = 0.8

@@ -20,7 +20,7 @@ from __future__ import annotations
 import re
 from dataclasses import replace
 
-from .plan import Fusion, Plan, PlanEntry
+from ..plan import Fusion, Plan, PlanEntry
 
 PARTS = ("norms", "attention", "mlp", "projections", "decoder_layer", "attention_interface", "decode_step")
 # A part only runs on top of these: without them it is taken out too.

@@ -16,11 +16,10 @@ from torch import nn
 from ..config import PruneConfig
 from ..errors import NonFiniteWeightError
 from ..integrations.transformers import spec_by_family
-from ..planner.plan import Plan
-from ..planner.pruning import mask_label
+from ..plan import Plan
 from ..quant.calibrate import activation_stats
 from ..quant.modules import linear_weight
-from .masks import global_threshold, layer_mask, magnitude_scores, nm_mask, reconstruct, wanda_scores
+from .masks import global_threshold, layer_mask, magnitude_scores, mask_label, nm_mask, reconstruct, wanda_scores
 from .report import PruneReport, sparsity_report
 from .sequential import prune_layer_by_layer
 from .structured import out_projections, plan_shrink, shrink_layer, update_config

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from ..config import PruneConfig
 from ..errors import InvalidOptionError
 
 
@@ -108,3 +109,12 @@ def reconstruct(weight: torch.Tensor, keep: torch.Tensor, gram: torch.Tensor, bl
     if not torch.isfinite(w).all():  # a degenerate Gram matrix: keep the plain mask instead
         return weight.detach().float() * keep
     return w.to(weight.dtype)
+
+
+def mask_label(cfg: PruneConfig) -> str:
+    """How a plan names an unstructured or N:M pruning ("wanda 50% per row", "magnitude 2:4")."""
+    refit = " +refit" if cfg.reconstruct else ""
+    if cfg.nm is not None:
+        return f"{cfg.method} {cfg.pattern}{refit}"
+    where = "global" if cfg.scope == "global" else ("per row" if cfg.method == "wanda" else "per layer")
+    return f"{cfg.method} {100 * cfg.sparsity:g}% {where}{refit}"

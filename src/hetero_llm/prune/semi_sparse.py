@@ -19,11 +19,19 @@ from torch import nn
 
 from ..errors import HeteroLLMWarning
 from ..kernels.dispatch import fuses_residual
-from ..kernels.modules import GatedMLP, RotaryAttention
-from ..planner.plan import Fusion, Plan
-from ..planner.pruning import SPARSE_KERNEL, SPARSE_MIN_CAPABILITY, SPARSE_MIN_COLS, SPARSE_MIN_ROWS
+from ..fused.modules import GatedMLP, RotaryAttention
+from ..plan import Fusion, Plan
 
-# The linear a fused group's matmul lives in, after the kernels pass (kernels/apply.py):
+# The 2:4 kernel and its limits (the planner reads them to decide, this pass to convert).
+SPARSE_KERNEL = "torch-sparse24"  # F.linear on a torch.sparse.SparseSemiStructuredTensor weight
+SPARSE_MIN_CAPABILITY = (8, 0)  # sparse tensor cores: Ampere (sm_80) and newer
+SPARSE_DTYPES = ("float16", "bfloat16")
+# torch's limits on the weight (rows = out_features, cols = in_features), each a positive multiple:
+# CUTLASS (32, 64) for fp16/bf16, cuSPARSELt (16, 16) (torch/sparse/semi_structured.py,
+# _DTYPE_SHAPE_CONSTRAINTS); the stricter pair fits whichever backend torch picks on the GPU.
+SPARSE_MIN_ROWS, SPARSE_MIN_COLS = 32, 64
+
+# The linear a fused group's matmul lives in, after the kernels pass (fused/apply.py):
 # RotaryAttention.qkv, GatedMLP.gate_up; other kinds: FusedProjection "hetero_<kind>" on the parent.
 _FUSED_LINEAR = {"rotary_attention": "qkv", "gated_mlp": "gate_up"}
 _CHECK_ROWS = 16  # tokens of the conversion's test matmul (a multiple of both backends' input tile)

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .._modules import replace_module
-from ..planner.plan import Plan, PlanEntry
+from ..plan import Plan, PlanEntry
 from .calibrate import outlier_channels, smoothing_factors
 from .embedding import Int8Embedding, TiedInt8Linear
 from .backends import usable_backend

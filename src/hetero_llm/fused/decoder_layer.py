@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..integrations.hf_adapter import take_cache
-from .dispatch import fuses_residual
+from ..kernels.dispatch import fuses_residual
 from .modules import GatedMLP, RMSNorm, RotaryAttention
 
 # The children a layer must have, and nothing else: the forward below replaces the class's.

@@ -1,6 +1,6 @@
 """Plan rendering: a plain-text table for terminals, HTML for Jupyter.
 
-Each function takes a `Plan` (planner/plan.py), which imports this module to render itself: the
+Each function takes a `Plan` (plan.py), which imports this module to render itself: the
 functions read its attributes and do not import it back."""
 from __future__ import annotations
 

@@ -20,7 +20,7 @@ def hetero_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
     position biases, attention sinks, sliding windows, returning the weights) goes to
     transformers' SDPA."""
     from ..kernels.dispatch import attend
-    from .hf_adapter import sdpa_attention_function
+    from ..integrations.hf_adapter import sdpa_attention_function
 
     # The kernels take no sliding window: a windowed layer's keys beyond the window must stay masked.
     special = ("softcap", "position_bias", "s_aux", "sinks", "cache", "sliding_window")
@@ -37,7 +37,7 @@ def hetero_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
 
 def register() -> str:
     """Make "hetero_llm" a valid `attn_implementation` (idempotent); returns the name."""
-    from .hf_adapter import register_attention
+    from ..integrations.hf_adapter import register_attention
 
     register_attention(NAME, hetero_attention_forward)
     return NAME

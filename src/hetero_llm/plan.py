@@ -11,7 +11,7 @@ import json
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from ..errors import PlanMismatchError
+from .errors import PlanMismatchError
 
 PLAN_VERSION = 1
 
@@ -234,17 +234,17 @@ class Plan:
 
     # -- display -------------------------------------------------------------
     def rows(self, full: bool = False) -> list[dict[str, str]]:
-        from .display import plan_rows
+        from .plan_display import plan_rows
         return plan_rows(self, full)
 
     def table(self, full: bool = False) -> str:
         """Plain-text table; layers with identical decisions are grouped unless full=True."""
-        from .display import plan_table
+        from .plan_display import plan_table
         return plan_table(self, full)
 
     def __str__(self) -> str:
         return self.table()
 
     def _repr_html_(self) -> str:
-        from .display import plan_html
+        from .plan_display import plan_html
         return plan_html(self, html.escape)

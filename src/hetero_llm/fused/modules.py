@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from ..integrations.hf_adapter import take_cache
-from .dispatch import attend, project_add, use_triton
-from .rms_norm import rms_norm
+from ..kernels.dispatch import attend, project_add, use_triton
+from ..kernels.rms_norm import rms_norm
 
 
 def _version(x: torch.Tensor) -> int:
@@ -167,7 +167,7 @@ class GatedMLP(nn.Module):
         self.gate_up, self.down_proj, self.act_fn = gate_up, down, act
         self.intermediate = intermediate
         self.backend = backend
-        from .cpu_decode import activation_code
+        from ..kernels.cpu_decode import activation_code
         self._silu = activation_code(act) == 0  # the fused prompt epilogue computes SiLU only
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
@@ -210,7 +210,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         if use_triton(self.backend, x):
-            from .rms_norm import rms_norm_triton
+            from ..kernels.rms_norm import rms_norm_triton
             return rms_norm_triton(x, self.weight, self.eps, residual=residual, offset=self.offset)
         if residual is not None:
             x = x + residual

@@ -5,10 +5,10 @@ import torch
 from torch import nn
 
 from .._modules import parent_of, replace_module
-from ..integrations import attention_interface
+from . import attention_interface
 from ..integrations import hf_adapter as hf
 from ..integrations.transformers import spec_by_family
-from ..planner.plan import Fusion, Plan
+from ..plan import Fusion, Plan
 from ..quant.modules import Int8Linear, linear_weight
 from ..quant.primitives import QuantizedWeight
 from ..quant.w8a8 import W8A8Linear
