@@ -15,7 +15,7 @@ BASE = dict(vocab_size=VOCAB, pad_token_id=0, bos_token_id=1, eos_token_id=2,
 # OPT takes its init scale from init_std, not initializer_range.
 CONFIGS = {**TINY_SHAPES, "opt": dict(TINY_SHAPES["opt"], init_std=0.1)}
 FAMILIES = tuple(CONFIGS)
-LLAMA_LIKE = ("llama", "mistral", "qwen2", "gemma")
+LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3", "gemma")
 
 
 def tiny_model(model_type: str, seed: int = 0, **overrides) -> nn.Module:

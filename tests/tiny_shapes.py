@@ -6,6 +6,7 @@ TINY_SHAPES = {
     "llama": dict(_LLAMA_LIKE),
     "mistral": dict(_LLAMA_LIKE),
     "qwen2": dict(_LLAMA_LIKE),
+    "qwen3": dict(_LLAMA_LIKE, head_dim=16),
     "gemma": dict(_LLAMA_LIKE, head_dim=16),
     "phi3": dict(_LLAMA_LIKE),
     "gpt2": dict(n_embd=64, n_inner=128, n_layer=2, n_head=4, n_positions=128),

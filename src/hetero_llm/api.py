@@ -12,7 +12,7 @@ from .errors import (AlreadyAcceleratedError, ForeignQuantizationError, Hardware
                      InvalidOptionError, MetaDeviceError, NotAModelError, PlanMismatchError)
 from .hardware import Hardware, hardware_profile, inspect_hardware
 from .integrations.transformers import spec_by_family
-from .measure import measured_cpu_costs
+from . import measure
 from .parallel.shard import join_job
 from .pipeline import PassContext, apply_plan
 from .planner import Plan, make_plan
@@ -69,7 +69,7 @@ def plan(model: nn.Module, *, hardware: Hardware | str | None = None, strict: bo
 
 def _make_plan(model: nn.Module, hardware: Hardware, options: Options, strict: bool) -> Plan:
     """The planner, handed this CPU's measured costs when planning for this machine."""
-    return make_plan(model, hardware, options, strict=strict, cpu_costs=measured_cpu_costs(hardware))
+    return make_plan(model, hardware, options, strict=strict, cpu_costs=measure.measured_cpu_costs(hardware))
 
 
 def check_plan_matches(model: nn.Module, p: Plan) -> None:

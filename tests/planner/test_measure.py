@@ -16,6 +16,8 @@ from hetero_llm.hardware import hardware_profile, inspect_hardware
 from hetero_llm.planner import cost
 from hetero_llm.planner.device_costs import DeviceCosts, LinearCost
 
+pytestmark = pytest.mark.measures_cpu  # these test the measuring and its cache themselves
+
 
 def fake_costs() -> DeviceCosts:
     return DeviceCosts("cpu", "measured", 40.0, 1.0, {"torch:float32": LinearCost(5.0, 20.0, 25.0, 150.0)},

@@ -17,7 +17,7 @@ from ..integrations import hf_adapter as hf
 from ..integrations.transformers import ArchitectureSpec
 from ..kernels import cpu_decode
 from ..kernels.cpu_decode import activation_code
-from ..fused.decoder_layer import LAYER_CHILDREN
+from ..fused.decoder_layer import layout_fits
 from ..fused.modules import GatedMLP, RMSNorm, RotaryAttention
 from .._modules import model_dtype
 from ..quant.modules import Int8Linear
@@ -52,9 +52,11 @@ def native_problem(model: nn.Module, spec: ArchitectureSpec | None) -> str | Non
     for index, layer in enumerate(model.get_submodule(spec.layers)):
         where = f"layer {index}"
         attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
-        if (set(dict(layer.named_children())) != LAYER_CHILDREN or not isinstance(attn, RotaryAttention)
+        if (not layout_fits(layer, spec) or not isinstance(attn, RotaryAttention)
                 or not isinstance(mlp, GatedMLP)):
             return f"{where} is not a Llama-style block with hetero_llm's attention and MLP"
+        if attn.q_norm is not None:
+            return f"{where}'s attention normalizes q and k per head (the native step does not)"
         norms = (layer.input_layernorm, layer.post_attention_layernorm)
         if not all(isinstance(n, RMSNorm) for n in norms) or len({n.eps for n in norms}) != 1:
             return f"{where}'s norms are not hetero_llm RMSNorms with one epsilon"

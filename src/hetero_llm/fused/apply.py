@@ -7,7 +7,8 @@ from torch import nn
 from .._modules import parent_of, replace_module
 from . import attention_interface
 from ..integrations import hf_adapter as hf
-from ..integrations.transformers import spec_by_family
+from ..errors import UnsupportedArchitectureError
+from ..integrations.transformers import ArchitectureSpec, spec_by_family
 from ..plan import Fusion, Plan
 from ..quant.modules import Int8Linear, linear_weight
 from ..quant.primitives import QuantizedWeight
@@ -78,19 +79,37 @@ def fuse_linears(members: list[nn.Module]) -> nn.Module:
     return fused
 
 
-def apply_gated_mlp(model: nn.Module, fusion: Fusion, act_attr: str, down_attr: str, backend: str = "torch") -> None:
+def _refuse_unknown_children(module: nn.Module, name: str, known: frozenset[str], family: str) -> None:
+    """A fused module replaces `module` whole and keeps only the children it knows: refuse one
+    with any other child rather than drop it."""
+    unknown = sorted(set(dict(module.named_children())) - known)
+    if unknown:
+        raise UnsupportedArchitectureError(
+            f"{name} ({type(module).__name__}) has a child {unknown[0]!r} that the {family} table does not "
+            f"describe (it knows {sorted(known)}); its fused replacement would drop it. Plan this model again "
+            "with hetero_llm.plan(model) (the planner leaves such modules to transformers), or pass "
+            "KernelConfig(fuse_projections=False).")
+
+
+def apply_gated_mlp(model: nn.Module, fusion: Fusion, spec: ArchitectureSpec, backend: str = "torch") -> None:
     mlp = model.get_submodule(fusion.name)
+    _refuse_unknown_children(mlp, fusion.name, spec.children("mlp"), spec.family)
+    act_attr, down_attr = spec.gated_mlp_act, spec.roles["down"].rsplit(".", 1)[-1]
     gate, up = (model.get_submodule(n) for n in fusion.members)
     fused = GatedMLP(fuse_linears([gate, up]), getattr(mlp, down_attr), getattr(mlp, act_attr), gate.out_features,
                      backend=backend)
     replace_module(model, fusion.name, fused)
 
 
-def apply_rotary_attention(model: nn.Module, fusion: Fusion, backend: str = "torch") -> None:
+def apply_rotary_attention(model: nn.Module, fusion: Fusion, spec: ArchitectureSpec, backend: str = "torch") -> None:
     attn = model.get_submodule(fusion.name)
+    _refuse_unknown_children(attn, fusion.name, spec.children("attention"), spec.family)
     q, k, v = (model.get_submodule(n) for n in fusion.members)
     heads, kv_heads = q.out_features // attn.head_dim, k.out_features // attn.head_dim
-    replace_module(model, fusion.name, RotaryAttention(attn, fuse_linears([q, k, v]), heads, kv_heads, backend))
+    norms = [attn.get_submodule(spec.roles[r].rsplit(".", 1)[-1]) if r in spec.roles else None
+             for r in ("q_norm", "k_norm")]
+    replace_module(model, fusion.name, RotaryAttention(attn, fuse_linears([q, k, v]), heads, kv_heads, backend,
+                                                       *norms))
 
 
 def apply_fusion(model: nn.Module, fusion: Fusion) -> None:
@@ -136,10 +155,10 @@ def kernels_pass(model: nn.Module, plan: Plan) -> list[tuple[str, str, str]]:
     spec = spec_by_family(plan.family)
     for f in plan.fusions:
         if f.kind == "gated_mlp":
-            apply_gated_mlp(model, f, spec.gated_mlp_act, spec.roles["down"].rsplit(".", 1)[-1], backend)
+            apply_gated_mlp(model, f, spec, backend)
             swaps.append((f.name, "MLP", "GatedMLP"))
         elif f.kind == "rotary_attention":
-            apply_rotary_attention(model, f, backend)
+            apply_rotary_attention(model, f, spec, backend)
             swaps.append((f.name, "Attention", "RotaryAttention"))
         elif f.kind == "decoder_layer":
             continue  # after every part of the block is in place: below
@@ -149,6 +168,6 @@ def kernels_pass(model: nn.Module, plan: Plan) -> list[tuple[str, str, str]]:
     for f in plan.fusions:
         if f.kind == "decoder_layer":
             layer = model.get_submodule(f.name)
-            decoder_layer.bind(layer)
+            decoder_layer.bind(layer, spec)
             swaps.append((f.name, type(layer).__name__, "forward with fused residual adds"))
     return swaps

@@ -21,11 +21,25 @@ import torch
 from torch import nn
 
 from ..integrations.hf_adapter import take_cache
+from ..integrations.transformers import ArchitectureSpec
 from ..kernels.dispatch import fuses_residual
 from .modules import GatedMLP, RMSNorm, RotaryAttention
 
-# The children a layer must have, and nothing else: the forward below replaces the class's.
-LAYER_CHILDREN = frozenset({"self_attn", "mlp", "input_layernorm", "post_attention_layernorm"})
+# The children the forward below reads, by role: a family's table must name these (and its
+# layers have no other child), since this forward replaces the class's.
+FORWARD_ROLES = {"attention": "self_attn", "mlp": "mlp", "attn_norm": "input_layernorm",
+                 "mlp_norm": "post_attention_layernorm"}
+
+
+def layout_fits(layer: nn.Module, spec: ArchitectureSpec | None = None) -> bool:
+    """Whether `layer` has exactly the children this forward reads, and (given the family's
+    table) the table names them in the same roles and no others: a child it does not know
+    would be skipped by the forward."""
+    children = set(dict(layer.named_children()))
+    if spec is not None and (any(spec.roles.get(r) != n for r, n in FORWARD_ROLES.items())
+                             or spec.children() != children):
+        return False
+    return children == set(FORWARD_ROLES.values())
 
 
 def fused_layer_forward(self: nn.Module, hidden_states: torch.Tensor, attention_mask=None, position_ids=None,
@@ -44,17 +58,17 @@ def fused_layer_forward(self: nn.Module, hidden_states: torch.Tensor, attention_
     return mlp(h, residual=x)
 
 
-def can_fuse(layer: nn.Module) -> bool:
+def can_fuse(layer: nn.Module, spec: ArchitectureSpec | None = None) -> bool:
     """Whether `layer` is a Llama-style block whose parts the kernels pass has replaced."""
     children = dict(layer.named_children())
-    return (set(children) == LAYER_CHILDREN and isinstance(children["self_attn"], RotaryAttention)
+    return (layout_fits(layer, spec) and isinstance(children["self_attn"], RotaryAttention)
             and isinstance(children["mlp"], GatedMLP) and isinstance(children["input_layernorm"], RMSNorm)
             and isinstance(children["post_attention_layernorm"], RMSNorm))
 
 
-def bind(layer: nn.Module) -> None:
+def bind(layer: nn.Module, spec: ArchitectureSpec | None = None) -> None:
     """Run `layer` with `fused_layer_forward` (this instance only)."""
-    if not can_fuse(layer):
+    if not can_fuse(layer, spec):
         raise ValueError(f"{type(layer).__name__} is not a Llama-style block with fused parts")
     layer.forward = types.MethodType(fused_layer_forward, layer)
 

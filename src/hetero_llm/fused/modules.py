@@ -99,7 +99,7 @@ def apply_rotary(qk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torc
 class RotaryAttention(nn.Module):
     """Llama-style self-attention with q/k/v as one matmul and one rotary pass.
 
-    Same math as transformers' Llama/Mistral/Qwen2/Gemma attention forward, in fewer ops: the
+    Same math as transformers' Llama/Mistral/Qwen2/Qwen3/Gemma attention forward, in fewer ops: the
     fused projection is viewed as heads once, q and k are rotated together, and the attention
     itself is `dispatch.attend` (SDPA or grouped matmuls on the torch backend; the flash and
     split-KV Triton kernels on the triton backend). The KV cache is the model's own Cache
@@ -112,9 +112,11 @@ class RotaryAttention(nn.Module):
     """
 
     def __init__(self, attn: nn.Module, qkv: nn.Module, num_heads: int, num_kv_heads: int,
-                 backend: str = "torch") -> None:
+                 backend: str = "torch", q_norm: nn.Module | None = None, k_norm: nn.Module | None = None) -> None:
         super().__init__()
         self.qkv, self.o_proj = qkv, attn.o_proj
+        # Qwen3 / OLMo 2 / Gemma 3: an RMSNorm over each head's q and k, before rotary.
+        self.q_norm, self.k_norm = q_norm, k_norm
         self.layer_idx = attn.layer_idx
         self.scaling = attn.scaling
         self.head_dim = attn.head_dim
@@ -129,9 +131,12 @@ class RotaryAttention(nn.Module):
         """q (b, h, s, d) and the cache's k, v (b, hk, S, d), the new k and v appended."""
         b, s, _ = hidden_states.shape
         h, hk = self.num_heads, self.num_kv_heads
-        qkv = self.qkv(hidden_states).view(b, s, h + 2 * hk, self.head_dim).transpose(1, 2)
+        heads = self.qkv(hidden_states).view(b, s, h + 2 * hk, self.head_dim)
+        qkv = heads.transpose(1, 2)
         cos, sin = position_embeddings
         qk = qkv[:, : h + hk]
+        if self.q_norm is not None:
+            qk = torch.cat((self.q_norm(heads[:, :, :h]), self.k_norm(heads[:, :, h: h + hk])), dim=2).transpose(1, 2)
         q, k = self._rotary(qk, cos, sin).split([h, hk], dim=1)
         v = qkv[:, h + hk:]
         if cache is not None:

@@ -272,3 +272,15 @@ def checkpoint_renamings(model: torch.nn.Module) -> list:
     from transformers.core_model_loading import WeightRenaming
 
     return [t for t in get_model_conversion_mapping(model) if type(t) is WeightRenaming]
+
+
+def is_conv1d(module: torch.nn.Module) -> bool:
+    """transformers' Conv1D (GPT-2's linear layers): its weight is stored (in, out)."""
+    from transformers.pytorch_utils import Conv1D
+    return isinstance(module, Conv1D)
+
+
+def looks_like_norm(module: torch.nn.Module) -> bool:
+    """A normalization module, by transformers' naming (LlamaRMSNorm, LayerNorm, ...) and a weight:
+    how a model without a role table has its norms recognized."""
+    return "Norm" in type(module).__name__ and isinstance(getattr(module, "weight", None), torch.Tensor)

@@ -11,12 +11,13 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import UnsupportedArchitectureError
+from .hf_adapter import is_conv1d
 
 # Roles a linear layer can play. "linear" is the generic role of a Linear the
 # table does not know (strict=False on an unknown architecture).
 LINEAR_ROLES = ("q", "k", "v", "qkv", "o", "gate", "up", "gate_up", "down", "fc_in", "fc_out",
                 "lm_head", "linear")
-NORM_ROLES = ("attn_norm", "mlp_norm", "final_norm")
+NORM_ROLES = ("attn_norm", "mlp_norm", "final_norm", "q_norm", "k_norm")  # q/k: per head, before rotary
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,17 @@ class ArchitectureSpec:
     shrink_config: dict[str, str] = field(default_factory=dict)
     notes: str = ""
 
+    def children(self, role: str | None = None) -> frozenset[str]:
+        """The direct children the table names of one decoder layer (`role` None) or of the
+        module playing `role` in it ("attention", "mlp"): every module there is one the table
+        describes, so a swap of that module that meets any other child must refuse, not drop it.
+        A gated MLP's activation module counts as a child of "mlp"."""
+        prefix = "" if role is None else self.roles.get(role, "\0") + "."
+        paths = [p for p in self.roles.values() if p.startswith(prefix) and p != prefix[:-1]]
+        if role == "mlp" and self.gated_mlp_act:
+            paths.append(prefix + self.gated_mlp_act)
+        return frozenset(p[len(prefix):].split(".", 1)[0] for p in paths)
+
 
 _LLAMA_BLOCK = {
     "attention": "self_attn",
@@ -68,9 +80,14 @@ _LLAMA_SHRINK = {"mlp": "intermediate_size", "heads": "num_attention_heads",
                  "kv_heads": "num_key_value_heads", "head_dim": "head_dim"}
 
 
-def _llama_like(family: str, model_types: tuple[str, ...], **kw) -> ArchitectureSpec:
+_QK_NORMS = {"q_norm": "self_attn.q_norm", "k_norm": "self_attn.k_norm"}
+
+
+def _llama_like(family: str, model_types: tuple[str, ...], roles: dict[str, str] | None = None,
+                **kw) -> ArchitectureSpec:
+    """A family laid out as Llama; `roles`: the parts it adds (as q/k norms)."""
     return ArchitectureSpec(family=family, model_types=model_types, layers="model.layers",
-                            roles=dict(_LLAMA_BLOCK), model_roles=dict(_LLAMA_MODEL),
+                            roles={**_LLAMA_BLOCK, **(roles or {})}, model_roles=dict(_LLAMA_MODEL),
                             fusions=_LLAMA_FUSIONS, gated_mlp_act="act_fn",
                             attention_style="rotary", rotary_embedding="model.rotary_emb",
                             shrink_config=dict(_LLAMA_SHRINK), **kw)
@@ -80,6 +97,7 @@ ARCHITECTURES: tuple[ArchitectureSpec, ...] = (
     _llama_like("llama", ("llama",)),
     _llama_like("mistral", ("mistral",)),
     _llama_like("qwen2", ("qwen2",), notes="q/k/v carry biases"),
+    _llama_like("qwen3", ("qwen3",), roles=_QK_NORMS, notes="q and k RMS-normalized per head before rotary"),
     _llama_like("gemma", ("gemma",), norm_style="rms_plus_one",
                 notes="RMSNorm scales by (1 + weight); embeddings scaled by sqrt(hidden)"),
     ArchitectureSpec(
@@ -157,7 +175,7 @@ def block_module(model: torch.nn.Module, spec: ArchitectureSpec, role: str, inde
 
 def _in_features(module: torch.nn.Module) -> int:
     """Input width of a Linear, a quantized linear, or GPT-2's Conv1D (weight stored (in, out))."""
-    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
+    if is_conv1d(module):
         return module.weight.shape[0]
     return module.in_features
 
@@ -180,6 +198,9 @@ class RoleMap:
     roles: dict[str, str] = field(default_factory=dict)
     fusion_groups: list[tuple[str, tuple[str, ...], str]] = field(default_factory=list)  # (name, members, kind)
     missing: list[str] = field(default_factory=list)
+    # Attention / MLP modules with children the table does not describe (name -> those children):
+    # not replaced whole (their q/k/v or gate/up still share one matmul).
+    unknown_children: dict[str, list[str]] = field(default_factory=dict)
 
 
 def map_roles(model: torch.nn.Module, spec: ArchitectureSpec) -> RoleMap:
@@ -205,11 +226,16 @@ def map_roles(model: torch.nn.Module, spec: ArchitectureSpec) -> RoleMap:
             names = tuple(f"{prefix}.{spec.roles[m]}" for m in members)
             if not all(n in result.roles for n in names):
                 continue
-            # A fused module that replaces its whole parent is named after it.
-            if fused_role == "gate_up" and spec.gated_mlp_act:
-                result.fusion_groups.append((f"{prefix}.{spec.roles['mlp']}", names, "gated_mlp"))
-            elif fused_role == "qkv" and spec.attention_style == "rotary":
-                result.fusion_groups.append((f"{prefix}.{spec.roles['attention']}", names, "rotary_attention"))
-            else:
-                result.fusion_groups.append((f"{prefix}.{fused_role}", names, fused_role))
+            # A fused module that replaces its whole parent is named after it, and only planned
+            # when the parent has no child the table does not know (it would be dropped).
+            whole = {"gate_up": ("mlp", "gated_mlp", bool(spec.gated_mlp_act)),
+                     "qkv": ("attention", "rotary_attention", spec.attention_style == "rotary")}.get(fused_role)
+            if whole is not None and whole[2]:
+                parent = f"{prefix}.{spec.roles[whole[0]]}"
+                unknown = sorted(set(dict(model.get_submodule(parent).named_children())) - spec.children(whole[0]))
+                if not unknown:
+                    result.fusion_groups.append((parent, names, whole[1]))
+                    continue
+                result.unknown_children[parent] = unknown
+            result.fusion_groups.append((f"{prefix}.{fused_role}", names, fused_role))
     return result

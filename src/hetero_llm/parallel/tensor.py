@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..integrations.hf_adapter import is_conv1d
 from ..integrations.transformers import ArchitectureSpec
 from ..quant.backends import usable_backend
 from ..quant.embedding import Int8Embedding, TiedInt8Linear
@@ -143,7 +144,7 @@ def slice_module(m: nn.Module, s: ShardSpec, rank: int) -> None:
         _slice_w8a8(m, s, pieces, keep_bias)
     elif isinstance(m, nn.Linear):
         _slice_linear(m, s, pieces, keep_bias)
-    elif type(m).__name__ == "Conv1D":
+    elif is_conv1d(m):
         _slice_conv1d(m, s, pieces, keep_bias)
     else:
         raise TypeError(f"cannot split a {type(m).__name__} over tensor-parallel ranks")

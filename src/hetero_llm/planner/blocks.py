@@ -98,7 +98,7 @@ def decoder_layer_fusions(model: nn.Module, spec: ArchitectureSpec | None, entri
                           fusions: list[Fusion]) -> list[Fusion]:
     """Llama-style blocks whose forward may be the fused layer forward: the block's attention,
     MLP and both norms are all swapped for fused modules, and the block has nothing else."""
-    from ..fused.decoder_layer import LAYER_CHILDREN
+    from ..fused.decoder_layer import layout_fits
 
     if spec is None or spec.attention_style != "rotary" or not spec.gated_mlp_act:
         return []
@@ -108,7 +108,7 @@ def decoder_layer_fusions(model: nn.Module, spec: ArchitectureSpec | None, entri
         prefix = f"{spec.layers}.{i}"
         parts = [f"{prefix}.{spec.roles[r]}" for r in ("attention", "mlp", "attn_norm", "mlp_norm")]
         norms = [entries.get(p) for p in parts[2:]]
-        if (set(dict(layer.named_children())) == LAYER_CHILDREN and set(parts[:2]) <= swapped
+        if (layout_fits(layer, spec) and set(parts[:2]) <= swapped
                 and all(e is not None and e.action == "swap" for e in norms)):
             out.append(Fusion(prefix, tuple(parts), "decoder_layer"))
     return out

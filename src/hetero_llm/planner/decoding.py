@@ -38,6 +38,8 @@ def _native_problem(model: nn.Module, spec: ArchitectureSpec, entries: list[Plan
     dtype = getattr(torch, compute_dtype) if compute_dtype else model_dtype(model)
     if dtype != torch.float32:
         return f"the model computes in {dtype} (the native step is fp32)"
+    if "q_norm" in spec.roles:
+        return "its attention normalizes q and k per head (the native step does not)"
     build = cpu_decode.best_isa(isa)
     if build is None:
         return "no native CPU decode step for this CPU (it needs AVX2 or AVX-512 VNNI; or HETERO_LLM_CPU_ISA=none)"

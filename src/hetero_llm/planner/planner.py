@@ -275,6 +275,11 @@ def make_plan(model: nn.Module, hardware: Hardware, options: Options, *, strict:
     if spec is None:
         notes.append(f"model_type {model_type_of(model)!r} has no role table: Linear layers are "
                      "handled generically, everything else is left untouched")
+    if role_map and role_map.unknown_children:
+        first, children = next(iter(role_map.unknown_children.items()))
+        notes.append(f"{len(role_map.unknown_children)} attention/MLP modules have children the {spec.family} table "
+                     f"does not describe (first: {first}: {', '.join(children)}): they are not replaced by fused "
+                     "modules, which would drop them; their q/k/v and gate/up still run as one matmul")
     if role_map and role_map.missing:
         notes.append(f"{len(role_map.missing)} table entries not found in this model "
                      f"(first: {role_map.missing[0]})")

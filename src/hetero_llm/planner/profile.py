@@ -9,6 +9,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..integrations.hf_adapter import looks_like_norm
+from ..integrations.transformers import NORM_ROLES
 from ..quant.embedding import Int8Embedding, TiedInt8Linear
 from ..quant.modules import Int8Linear, is_linear, linear_weight
 from ..quant.w8a8 import W8A8Linear
@@ -32,11 +34,6 @@ class ModuleProfile:
     def decode_flops(self) -> int:
         """FLOPs for one token through this module (2 per multiply-add)."""
         return 2 * self.in_features * self.out_features if self.kind == "linear" else 2 * self.params
-
-
-def _is_norm(module: nn.Module) -> bool:
-    name = type(module).__name__
-    return ("Norm" in name) and isinstance(getattr(module, "weight", None), torch.Tensor)
 
 
 def _own_params(module: nn.Module) -> list[torch.Tensor]:
@@ -70,7 +67,7 @@ def _classify(name: str, module: nn.Module, role: str | None) -> ModuleProfile |
         w = module.weight
         return ModuleProfile(name, mtype, "embedding", role or "embed", w.shape[1], w.shape[0], w.numel(),
                              w.numel() * w.element_size(), _dtype_name(w))
-    if _is_norm(module):
+    if role in NORM_ROLES or (role is None and looks_like_norm(module)):
         w = module.weight
         return ModuleProfile(name, mtype, "norm", role or "norm", w.numel(), w.numel(), w.numel(),
                              w.numel() * w.element_size(), _dtype_name(w))

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..integrations.hf_adapter import is_conv1d
 from .backends import BACKENDS, GEMV_MAX_ROWS, BackendSlot, usable_backend
 from .primitives import QuantizedWeight, dequantize, quantize_weight
 from .schemes import QuantSpec
@@ -13,13 +14,13 @@ def linear_weight(module: nn.Module) -> torch.Tensor:
     """The (out, in) weight of an nn.Linear or a transformers Conv1D (stored (in, out))."""
     if isinstance(module, nn.Linear):
         return module.weight
-    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
+    if is_conv1d(module):
         return module.weight.t()
     raise TypeError(f"not a linear layer: {type(module).__name__}")
 
 
 def is_linear(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or (type(module).__name__ == "Conv1D" and hasattr(module, "nf"))
+    return isinstance(module, nn.Linear) or is_conv1d(module)
 
 
 class Int8Linear(BackendSlot, nn.Module):
