@@ -49,8 +49,19 @@ def _with_unknown_attention_child(family: str = "llama") -> nn.Module:
     return model
 
 
-def test_an_unknown_attention_child_is_left_to_transformers_and_noted():
-    model = _with_unknown_attention_child()
+def test_an_unknown_attention_child_is_left_to_transformers_and_noted(monkeypatch, tmp_path):
+    # As a transformers release adding a part to the class would: every instance has it, the
+    # self-check's tiny model too (its verdicts, keyed by release and config, kept apart here).
+    monkeypatch.setenv("HETERO_LLM_CACHE", str(tmp_path))
+    monkeypatch.setattr("hetero_llm.selfcheck._VERDICTS", {})
+    from transformers.models.llama.modeling_llama import LlamaAttention
+    init = LlamaAttention.__init__
+
+    def with_extra(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self.extra = _Extra()
+    monkeypatch.setattr(LlamaAttention, "__init__", with_extra)
+    model = tiny_model("llama")
     roles = map_roles(model, spec_by_family("llama"))
     assert roles.unknown_children == {f"model.layers.{i}.self_attn": ["extra"] for i in range(2)}
     kinds = {kind for _, _, kind in roles.fusion_groups}
