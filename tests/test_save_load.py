@@ -63,7 +63,7 @@ def test_round_trip_is_bit_exact(tmp_path, scheme):
     assert torch.equal(out, model.generate(x, max_new_tokens=4, do_sample=False))
 
 
-@pytest.mark.parametrize("family", [f for f in ("qwen2", "gemma", "gpt2", "opt", "phi3", "mistral")
+@pytest.mark.parametrize("family", [f for f in ("qwen2", "qwen3", "gemma", "gpt2", "opt", "phi3", "mistral")
                                     if f in TINY_SHAPES])
 def test_round_trip_other_architectures(tmp_path, family):
     model = accelerated(family)

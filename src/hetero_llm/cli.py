@@ -254,12 +254,20 @@ def _memory(text: str | None) -> dict:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hetero-llm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_inspect_parser, _plan_parser, _check_predictions_parser, _bench_parser, _eval_parser):
+        add(sub)
+    return parser
+
+
+def _inspect_parser(sub) -> None:
     p = sub.add_parser("inspect", help="show this machine's hardware")
     p.add_argument("--json", action="store_true")
     p.add_argument("--measure", action="store_true",
                    help="measure this CPU's kernels again and replace the cached figures (~15 s)")
     p.set_defaults(func=cmd_inspect)
 
+
+def _plan_parser(sub) -> None:
     p = sub.add_parser("plan", help="show the plan for a model (a folder, a config.json, or 'smollm2')")
     p.add_argument("model")
     p.add_argument("--hardware", default=None, help="a profile such as h100-80gb or cpu-16core (default: this machine)")
@@ -274,6 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_options(p)
     p.set_defaults(func=cmd_plan)
 
+
+def _check_predictions_parser(sub) -> None:
     p = sub.add_parser("check-predictions",
                        help="predicted vs measured decode and prompt tokens/s on this CPU, per quantization option")
     p.add_argument("model", nargs="?", default="smollm2")
@@ -288,6 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_check_predictions)
 
+
+def _bench_parser(sub) -> None:
     p = sub.add_parser("bench", help="decode/prefill speed, memory and perplexity: original vs accelerated vs peer")
     p.add_argument("model", nargs="?", default="smollm2")
     p.add_argument("--repeats", type=int, default=5)
@@ -309,6 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_options(p)
     p.set_defaults(func=cmd_bench)
 
+
+def _eval_parser(sub) -> None:
     p = sub.add_parser("eval", help="perplexity of the original and accelerated model on a text")
     p.add_argument("model", nargs="?", default="smollm2")
     p.add_argument("--text", default=None, help="a text file (default: CPython's pydoc_data.topics)")
@@ -322,7 +336,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     _add_options(p)
     p.set_defaults(func=cmd_eval)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,7 +20,7 @@ PLAN_SECONDS_LIMIT = 5.0  # a 70B-shaped model, planned on meta
 
 BASE = dict(vocab_size=256, pad_token_id=0, bos_token_id=1, eos_token_id=2)
 SHAPES = TINY_SHAPES
-LINEARS_PER_BLOCK = {"llama": 7, "mistral": 7, "qwen2": 7, "gemma": 7, "phi3": 4, "gpt2": 4, "opt": 6}
+LINEARS_PER_BLOCK = {"llama": 7, "mistral": 7, "qwen2": 7, "qwen3": 7, "gemma": 7, "phi3": 4, "gpt2": 4, "opt": 6}
 CPU_INT8PACK = "cpu-int8pack" if int8pack_available() else "torch-dequant"
 
 

@@ -22,9 +22,10 @@ VOCAB = 256
 BASE = dict(vocab_size=VOCAB, pad_token_id=0, bos_token_id=1, eos_token_id=2, initializer_range=0.1)
 CONFIGS = {**TINY_SHAPES, "opt": dict(TINY_SHAPES["opt"], init_std=0.1)}
 MLP_KEY = {"llama": "intermediate_size", "mistral": "intermediate_size", "qwen2": "intermediate_size",
+           "qwen3": "intermediate_size",
            "gemma": "intermediate_size", "phi3": "intermediate_size", "gpt2": "n_inner", "opt": "ffn_dim"}
-MLP_FAMILIES = ("llama", "qwen2", "gpt2", "opt", "phi3")
-HEAD_FAMILIES = ("llama", "qwen2", "phi3", "gemma", "mistral")
+MLP_FAMILIES = ("llama", "qwen2", "qwen3", "gpt2", "opt", "phi3")
+HEAD_FAMILIES = ("llama", "qwen2", "qwen3", "phi3", "gemma", "mistral")
 # Modules keep their transformers names and types: pruning is checked on the modules it sliced.
 PLAIN = KernelConfig(fuse_projections=False, fuse_norms=False)
 NEW_TOKENS = 5

@@ -1,7 +1,7 @@
 """The planner: hardware + model profile + options -> Plan. Never touches the model."""
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 from torch import nn
 
@@ -10,7 +10,7 @@ from ..config import Options, PruneConfig
 from ..errors import HardwareError
 from ..hardware import Hardware
 from ..integrations import hf_adapter as hf
-from ..integrations.transformers import (map_roles, model_type_of, require_spec,
+from ..integrations.transformers import (ArchitectureSpec, RoleMap, map_roles, model_type_of, require_spec,
                                          spec_for)
 from ..kernels.cpu_vnni import K_MULTIPLE as VNNI_K_MULTIPLE
 from ..kernels.cpu_vnni import vnni_possible
@@ -19,6 +19,7 @@ from ..quant.schemes import QuantSpec, spec_for_options
 from ..quant.w8a8 import BACKENDS as W8A8_BACKENDS
 
 from . import cost
+from .cost import CostModel
 from .blocks import plan_fusions, plan_other, residual_fusions
 from ..plan import Plan, PlanEntry
 from .parallel import check_parallel, plan_parallel
@@ -29,7 +30,7 @@ from .decoding import choose_decode
 from .device_costs import DeviceCosts
 from .precision import choose_compute_dtype
 from .pruning import mark_pruning
-from ..prune.structured import plan_shrink, pruned_view
+from ..prune.structured import Shrink, plan_shrink, pruned_view
 
 
 def choose_device(requested: str, hardware: Hardware) -> str:
@@ -242,6 +243,29 @@ def _plan_device(model: nn.Module, spec, role_map, profiles: list[ModuleProfile]
     return entries, fusions, cm, backend
 
 
+@dataclass
+class _Inputs:
+    """What every step of one make_plan call reads."""
+
+    model: nn.Module  # the model as planned (a pruned meta view with structured pruning)
+    spec: ArchitectureSpec | None
+    role_map: RoleMap | None
+    profiles: list[ModuleProfile]
+    tied: set[str]
+    hardware: Hardware
+    options: Options
+    cpu_costs: DeviceCosts | None
+    shrink: Shrink | None
+
+    def plan_device(self, device: str, decode: str | None = None) -> tuple:
+        return _plan_device(self.model, self.spec, self.role_map, self.profiles, self.tied, self.hardware,
+                            self.options, device, self.cpu_costs, decode=decode)
+
+    def mark_pruning(self, entries: dict, cm: CostModel | None = None) -> list[str]:
+        extra = {} if cm is None else dict(hardware=self.hardware, cm=cm, tp=self.options.placement.tp)
+        return mark_pruning(entries, self.profiles, self.options.prune, self.tied, self.shrink, **extra)
+
+
 def make_plan(model: nn.Module, hardware: Hardware, options: Options, *, strict: bool = True,
               cpu_costs: DeviceCosts | None = None) -> Plan:
     """Decide, per module, what accelerate() will do; the model is not changed.
@@ -258,22 +282,38 @@ def make_plan(model: nn.Module, hardware: Hardware, options: Options, *, strict:
         shrink = plan_shrink(model, spec, options.prune)
         model = pruned_view(model, spec, shrink)
     role_map = map_roles(model, spec) if spec is not None else None
-    profiles = profile_model(model, role_map.roles if role_map else None)
+    inputs = _Inputs(model, spec, role_map, profile_model(model, role_map.roles if role_map else None),
+                     _tied(model), hardware, options, cpu_costs, shrink)
     device = choose_device(options.placement.device, hardware)
-    tied = _tied(model)
-    entries, fusions, cm, backend = _plan_device(model, spec, role_map, profiles, tied, hardware, options, device,
-                                                cpu_costs)
-    prune_notes = mark_pruning(entries, profiles, options.prune, tied, shrink, hardware=hardware, cm=cm,
-                               tp=options.placement.tp)
-    dtype = next((p.dtype for p in profiles if p.kind == "linear"), "float32")
+    entries, fusions, cm, backend = inputs.plan_device(device)
+    prune_notes = inputs.mark_pruning(entries, cm)
+    notes = _model_notes(inputs, cm) + prune_notes
+    dtype = next((p.dtype for p in inputs.profiles if p.kind == "linear"), "float32")
     kv_bytes, hidden = _kv_bytes_per_token(model, DTYPE_BYTES.get(dtype, 4))
-    notes = []
+    prediction = predict(entries, inputs.profiles, inputs.tied, cm, options.workload.prompt_len, hidden)
+    if shrink is not None:  # "before" is the model as given, not the pruned one
+        prediction = _before_pruning(original, hardware, options, strict, prediction, cpu_costs)
+    placed = _place(inputs, device, entries, fusions, cm, kv_bytes, hidden, prediction, notes)
+    ordered, fusions, prediction, device_map, offload, parallel = placed
+    multi_device = parallel is not None or bool(device_map) or bool(offload)
+    settings, ordered, prediction = _settings(inputs, device, backend, fusions, ordered, prediction, hidden,
+                                              multi_device, notes)
+    return Plan(model_type=model_type_of(model), family=spec.family if spec else None, device=device,
+                hardware=hardware.to_dict(), options=options.to_dict(), entries=tuple(ordered),
+                fusions=tuple(fusions), model_settings=settings,
+                prediction=prediction, notes=tuple(notes), device_map=device_map, offload=offload,
+                parallel=parallel)
+
+
+def _model_notes(inputs: _Inputs, cm: CostModel) -> list[str]:
+    """What the plan says about the costs it used and how well the table fits the model."""
+    notes, spec, role_map = [], inputs.spec, inputs.role_map
     others = cm.costs.others_cores
     if others is not None and others >= BUSY_CORES:
         notes.append(f"costs: measured while other processes used {others:.1f} cores of this CPU, so the "
                      "predictions are pessimistic; they are measured again once the machine is quiet")
     if spec is None:
-        notes.append(f"model_type {model_type_of(model)!r} has no role table: Linear layers are "
+        notes.append(f"model_type {model_type_of(inputs.model)!r} has no role table: Linear layers are "
                      "handled generically, everything else is left untouched")
     if role_map and role_map.unknown_children:
         first, children = next(iter(role_map.unknown_children.items()))
@@ -283,23 +323,27 @@ def make_plan(model: nn.Module, hardware: Hardware, options: Options, *, strict:
     if role_map and role_map.missing:
         notes.append(f"{len(role_map.missing)} table entries not found in this model "
                      f"(first: {role_map.missing[0]})")
-    notes.extend(prune_notes)
-    prediction = predict(entries, profiles, tied, cm, options.workload.prompt_len, hidden)
-    if shrink is not None:  # "before" is the model as given, not the pruned one
-        prediction = _before_pruning(original, hardware, options, strict, prediction, cpu_costs)
+    return notes
+
+
+def _place(inputs: _Inputs, device: str, entries: dict, fusions: list, cm: CostModel, kv_bytes: float,
+           hidden: int, prediction, notes: list[str]) -> tuple:
+    """(entries in order, fusions, prediction, device_map, offload, parallel): tp/pp shards, a
+    GPU plan split with the CPU when it does not fit, or the whole model on one device."""
+    options, hardware = inputs.options, inputs.hardware
     ordered, device_map, offload, parallel = list(entries.values()), {}, (), None
     if options.placement.tp * options.placement.pp > 1:
-        check_parallel(spec)
-        entries, parallel, prediction, par_notes = plan_parallel(model, spec, entries, profiles, tied, options,
-                                                                 device, prediction)
+        check_parallel(inputs.spec)
+        entries, parallel, prediction, par_notes = plan_parallel(inputs.model, inputs.spec, entries, inputs.profiles,
+                                                                 inputs.tied, options, device, prediction)
         ordered = list(entries.values())
         notes.extend(par_notes)
     elif device == "cuda":
         def cpu_plan():
-            planned = _plan_device(model, spec, role_map, profiles, tied, hardware, options, "cpu", cpu_costs)
-            mark_pruning(planned[0], profiles, options.prune, tied, shrink)
+            planned = inputs.plan_device("cpu")
+            inputs.mark_pruning(planned[0])
             return planned
-        placed = split_for_budget(spec, profiles, tied, hardware, options, entries, fusions, cm,
+        placed = split_for_budget(inputs.spec, inputs.profiles, inputs.tied, hardware, options, entries, fusions, cm,
                                   kv_bytes, hidden, prediction, cpu_plan)
         if placed is not None:
             ordered, fusions, prediction, device_map, offload, split_notes = placed
@@ -309,6 +353,14 @@ def make_plan(model: nn.Module, hardware: Hardware, options: Options, *, strict:
         if prediction.weight_mb_after * 2**20 > budget:
             notes.append(f"the weights ({prediction.weight_mb_after / 1024:.1f} GiB) exceed the CPU's "
                          f"{budget / 2**30:.1f} GiB: the model does not fit this machine (no disk offload)")
+    return ordered, fusions, prediction, device_map, offload, parallel
+
+
+def _settings(inputs: _Inputs, device: str, backend: str, fusions: list, ordered: list, prediction, hidden: int,
+              multi_device: bool, notes: list[str]) -> tuple[dict, list, object]:
+    """(model_settings, entries, prediction): the attention implementation, kernels, compute dtype
+    and decode mode, with decode re-predicted for a step without per-op dispatch."""
+    model, spec, options = inputs.model, inputs.spec, inputs.options
     settings = {}
     attention = "hetero_llm" if backend == "triton" else "sdpa"
     if spec is not None and hf.supports_attention_implementation(model, attention):
@@ -321,24 +373,17 @@ def make_plan(model: nn.Module, hardware: Hardware, options: Options, *, strict:
     if compute_dtype is not None:
         settings["compute_dtype"] = compute_dtype
         notes.append(dtype_note)
-    multi_device = parallel is not None or bool(device_map) or bool(offload)
     settings["decode"], decode_note = choose_decode(model, spec, options, device, fusions, multi_device,
-                                                       ordered, hardware.cpu.isa, compute_dtype)
+                                                       ordered, inputs.hardware.cpu.isa, compute_dtype)
     notes.append(decode_note)
     if settings["decode"] in DECODE_COSTS:  # the same decisions; decode costs without per-op dispatch
-        stepped, _, cm_step, _ = _plan_device(model, spec, role_map, profiles, tied, hardware, options, device,
-                                              cpu_costs, decode=settings["decode"])
-        mark_pruning(stepped, profiles, options.prune, tied, shrink, hardware=hardware, cm=cm_step,
-                     tp=options.placement.tp)
+        stepped, _, cm_step, _ = inputs.plan_device(device, decode=settings["decode"])
+        inputs.mark_pruning(stepped, cm_step)
         ordered = [replace(e, decode_us_after=stepped[e.name].decode_us_after) for e in ordered]
-        step = predict({e.name: e for e in ordered}, profiles, tied, cm_step, options.workload.prompt_len,
-                       hidden)
+        step = predict({e.name: e for e in ordered}, inputs.profiles, inputs.tied, cm_step,
+                       options.workload.prompt_len, hidden)
         prediction = replace(prediction, decode_ms_after=step.decode_ms_after)
-    return Plan(model_type=model_type_of(model), family=spec.family if spec else None, device=device,
-                hardware=hardware.to_dict(), options=options.to_dict(), entries=tuple(ordered),
-                fusions=tuple(fusions), model_settings=settings,
-                prediction=prediction, notes=tuple(notes), device_map=device_map, offload=offload,
-                parallel=parallel)
+    return settings, ordered, prediction
 
 
 def _before_pruning(model: nn.Module, hardware: Hardware, options: Options, strict: bool, prediction,
