@@ -252,25 +252,17 @@ def _block_costs(linears: dict[str, LinearCost], norm_us: dict[str, float],
     cost model adds them per module."""
     import warnings
 
-    from .config import Options
-    from .pipeline import apply_plan
-    from .planner import make_plan
-
-    def accelerated(m: nn.Module, **options) -> nn.Module:
-        # The plan from tables (no cpu_costs: nothing is measured while measuring), applied as
-        # accelerate() applies it; the tiny Llama is built here, so accelerate()'s checks are moot.
-        return apply_plan(m, make_plan(m, _no_measure_hardware(), Options.from_kwargs(**options), strict=False))
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     int8 = next((k for k in ("cpu-vnni:int8", "cpu-int8pack:int8") if k in linears), linear_key)
     quantize = "int8" if int8 != linear_key else "none"
     styles = {"sdpa": (lambda m: m, 7, "torch", linear_key),  # q, k, v, o, gate, up, down; transformers' norm
               # transformers' loop: the native step has costs of its own (cost.native_cpu)
-              "rotary": (lambda m: accelerated(m, quantize=quantize, decode="transformers"),
+              "rotary": (lambda m: _accelerated(m, quantize=quantize, decode="transformers"),
                          4, "torch-rms_norm", int8)}  # fused qkv, o, fused gate_up, down
     if quantize == "int8" and _native_possible():
         # The compiled step (decode="native"): its linears and norms run inside it, so a block's
         # measured time minus its in-cache GEMVs is all "block" (norm and call costs: NATIVE_*).
-        styles["native"] = (lambda m: accelerated(m, quantize="int8", decode="native"), 0, None, int8)
+        styles["native"] = (lambda m: _accelerated(m, quantize="int8", decode="native"), 0, None, int8)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         models = {(style, n): prepare(_tiny_llama(n).to(device, dtype))
@@ -291,6 +283,16 @@ def _block_costs(linears: dict[str, LinearCost], norm_us: dict[str, float],
         block[style] = round(max(per_block - block_linears - 2 * norm_call, 0.0), 3)
         step[style] = round(max(t_lo - TINY_LAYERS[0] * per_block - call - norm_call, 0.0), 3)
     return step, block
+
+
+def _accelerated(model: nn.Module, **options) -> nn.Module:
+    """`model` accelerated with `options`, planned from tables (no measured costs: nothing is
+    measured while measuring) and applied as accelerate() applies a plan; the tiny Llamas are
+    built here, so accelerate()'s checks of a user's model are moot."""
+    from .config import Options
+    from .pipeline import apply_plan
+    from .planner import make_plan
+    return apply_plan(model, make_plan(model, _no_measure_hardware(), Options.from_kwargs(**options), strict=False))
 
 
 # The tiny Llama's linears per block, (out, in): fused q/k/v, o, fused gate/up, down.

@@ -176,3 +176,25 @@ def test_a_plan_made_from_busy_figures_says_so(counted):
                                          num_attention_heads=4, num_key_value_heads=2)).eval()
     notes = plan(model, hardware=inspect_hardware(), quantize="int8").notes
     assert any("other processes used 1.0 cores" in n for n in notes) and not calls
+
+
+@pytest.mark.parametrize("decode", ["transformers", "native"])
+def test_the_tiny_models_measured_are_accelerated_through_the_pipeline(decode):
+    # What _block_costs times: the tiny Llama as accelerate() would make it, without measuring again.
+    import copy
+
+    import torch
+
+    from hetero_llm.fused.modules import GatedMLP, RotaryAttention
+    if decode == "native" and not measure._native_possible():
+        pytest.skip("no native CPU decode step built here")
+    model = measure._tiny_llama(2)
+    original = copy.deepcopy(model)
+    fast = measure._accelerated(model, quantize="int8", decode=decode)
+    layer = fast.model.layers[0]
+    assert isinstance(layer.self_attn, RotaryAttention) and isinstance(layer.mlp, GatedMLP)
+    assert fast.hetero_plan.model_settings["decode"] == decode
+    ids = torch.randint(3, 100, (1, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want, got = original(ids).logits, fast(ids).logits
+    assert torch.nn.functional.cosine_similarity(got.flatten(), want.flatten(), dim=0) > 0.99
