@@ -30,3 +30,13 @@ def clear_stale_lock(name: str) -> bool:
     log.warning("hetero_llm: removing %s, left %.0f s ago by a build that did not finish", lock, age)
     lock.unlink(missing_ok=True)
     return True
+
+
+def already_built(name: str) -> bool:
+    """Whether torch's extension cache holds extension `name` built (loading it then takes well
+    under a second, so there is no build to announce)."""
+    try:
+        from torch.utils.cpp_extension import _get_build_directory
+        return (Path(_get_build_directory(name, verbose=False)) / f"{name}.so").is_file()
+    except (ImportError, OSError):
+        return False

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from ._build import clear_stale_lock
+from ._build import already_built, clear_stale_lock
 
 log = logging.getLogger("hetero_llm")
 
@@ -297,11 +297,12 @@ def vnni_kernel():
         return None
     try:
         from torch.utils.cpp_extension import load_inline
-        log.warning("hetero_llm: compiling the AVX-512 VNNI INT8 kernel (once; cached by torch)...")
         # The fp32 vector helpers (vexp) come first; the name carries a digest of both, since
         # torch rebuilds an inline module only when its name changes.
         source = _HEADER.read_text() + _SOURCE
         digest = hashlib.sha256(source.encode()).hexdigest()[:10]
+        if not already_built(f"hetero_llm_vnni_{digest}"):  # said once, not on every process's load
+            log.warning("hetero_llm: compiling the AVX-512 VNNI INT8 kernel (once; cached by torch)...")
         clear_stale_lock(f"hetero_llm_vnni_{digest}")
         module = load_inline(f"hetero_llm_vnni_{digest}", cpp_sources=[source],
                              functions=["a16w8_gemv", "split_levels", "combine_levels", "combine_levels_add",
