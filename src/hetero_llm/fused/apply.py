@@ -79,21 +79,21 @@ def fuse_linears(members: list[nn.Module]) -> nn.Module:
     return fused
 
 
-def _refuse_unknown_children(module: nn.Module, name: str, known: frozenset[str], family: str) -> None:
+def _refuse_unknown_children(module: nn.Module, name: str, spec: ArchitectureSpec, role: str) -> None:
     """A fused module replaces `module` whole and keeps only the children it knows: refuse one
     with any other child rather than drop it."""
-    unknown = sorted(set(dict(module.named_children())) - known)
+    unknown = spec.unknown_children(module, role)
     if unknown:
         raise UnsupportedArchitectureError(
-            f"{name} ({type(module).__name__}) has a child {unknown[0]!r} that the {family} table does not "
-            f"describe (it knows {sorted(known)}); its fused replacement would drop it. Plan this model again "
-            "with hetero_llm.plan(model) (the planner leaves such modules to transformers), or pass "
+            f"{name} ({type(module).__name__}) has a child {unknown[0]!r} that the {spec.family} table does not "
+            f"describe (it knows {sorted(spec.children(role))}); its fused replacement would drop it. Plan this "
+            "model again with hetero_llm.plan(model) (the planner leaves such modules to transformers), or pass "
             "KernelConfig(fuse_projections=False).")
 
 
 def apply_gated_mlp(model: nn.Module, fusion: Fusion, spec: ArchitectureSpec, backend: str = "torch") -> None:
     mlp = model.get_submodule(fusion.name)
-    _refuse_unknown_children(mlp, fusion.name, spec.children("mlp"), spec.family)
+    _refuse_unknown_children(mlp, fusion.name, spec, "mlp")
     act_attr, down_attr = spec.gated_mlp_act, spec.roles["down"].rsplit(".", 1)[-1]
     gate, up = (model.get_submodule(n) for n in fusion.members)
     fused = GatedMLP(fuse_linears([gate, up]), getattr(mlp, down_attr), getattr(mlp, act_attr), gate.out_features,
@@ -103,7 +103,7 @@ def apply_gated_mlp(model: nn.Module, fusion: Fusion, spec: ArchitectureSpec, ba
 
 def apply_rotary_attention(model: nn.Module, fusion: Fusion, spec: ArchitectureSpec, backend: str = "torch") -> None:
     attn = model.get_submodule(fusion.name)
-    _refuse_unknown_children(attn, fusion.name, spec.children("attention"), spec.family)
+    _refuse_unknown_children(attn, fusion.name, spec, "attention")
     q, k, v = (model.get_submodule(n) for n in fusion.members)
     heads, kv_heads = q.out_features // attn.head_dim, k.out_features // attn.head_dim
     norms = [attn.get_submodule(spec.roles[r].rsplit(".", 1)[-1]) if r in spec.roles else None

@@ -67,6 +67,10 @@ class ArchitectureSpec:
             paths.append(prefix + self.gated_mlp_act)
         return frozenset(p[len(prefix):].split(".", 1)[0] for p in paths)
 
+    def unknown_children(self, module: torch.nn.Module, role: str) -> list[str]:
+        """The children of `module` (playing `role`) the table does not name, sorted."""
+        return sorted(set(dict(module.named_children())) - self.children(role))
+
 
 _LLAMA_BLOCK = {
     "attention": "self_attn",
@@ -232,7 +236,7 @@ def map_roles(model: torch.nn.Module, spec: ArchitectureSpec) -> RoleMap:
                      "qkv": ("attention", "rotary_attention", spec.attention_style == "rotary")}.get(fused_role)
             if whole is not None and whole[2]:
                 parent = f"{prefix}.{spec.roles[whole[0]]}"
-                unknown = sorted(set(dict(model.get_submodule(parent).named_children())) - spec.children(whole[0]))
+                unknown = spec.unknown_children(model.get_submodule(parent), whole[0])
                 if not unknown:
                     result.fusion_groups.append((parent, names, whole[1]))
                     continue
